@@ -1,4 +1,4 @@
-"""Build script: only needed for the C extension (our own libnetfilter_queue binding)."""
+"""Build script: only needed for the C extension (our own NFQUEUE binding over libmnl)."""
 
 from setuptools import Extension, setup
 
@@ -7,7 +7,7 @@ setup(
         Extension(
             "nfq_ipsec._nfqueue",
             sources=["nfq_ipsec/_nfqueue.c"],
-            libraries=["netfilter_queue", "nfnetlink", "mnl"],
+            libraries=["mnl"],  # Debian: libmnl-dev (+ python3-dev, gcc, linux-libc-dev)
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ],

@@ -144,3 +144,65 @@ class Topology:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.destroy()
+
+
+class EngineProcess:
+    """An `nfq-ipsec run` engine inside a namespace, started and stopped cleanly.
+
+    stderr goes to a file so tests can grep everything the engine printed (e.g. for keys).
+    """
+
+    def __init__(self, ns: Namespace, config: str, socket_path: str, log_path: str,
+                 extra_args: Sequence[str] = ()) -> None:
+        import sys
+
+        self.ns = ns
+        self.config = config
+        self.socket_path = socket_path
+        self.log_path = log_path
+        exe = os.path.join(os.path.dirname(sys.executable), "nfq-ipsec")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = ns.popen([exe, "run", "-c", config, "--socket", socket_path, *extra_args],
+                             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        import socket as _s
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.output()}")
+            if os.path.exists(self.socket_path):
+                try:
+                    with _s.socket(_s.AF_UNIX, _s.SOCK_STREAM) as c:
+                        c.settimeout(1)
+                        c.connect(self.socket_path)
+                        c.sendall(b'{"cmd": "ping"}\n')
+                        if c.recv(4096):
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"engine not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all (to test fail-closed behaviour)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()

@@ -1,0 +1,242 @@
+"""The running engine: NFQUEUE in, pipeline decisions, verdicts and side effects out.
+
+One process, one thread, one `selectors` loop over the queue socket(s) and the control
+socket. Start-up order matters for fail-closed operation: the queue is bound and every
+resource is ready *before* the iptables hooks are installed, and on any start-up error
+whatever was installed is removed again. On SIGTERM/SIGINT the hooks are removed, then the
+queue and the control socket are closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import control, hooks
+from .config import Config
+from .counters import Counters
+from .icmp import RateLimiter
+from .kernelio import LocalAddresses, PathMtu, RawSender, TunDevice
+from .pipeline import AuditLog, InjectTunnel, Pipeline, SendIcmp, SendPacket
+from .sad import Sad
+from .sa import SaEvent
+from .spd import Spd
+
+log = logging.getLogger("nfq_ipsec")
+
+BATCH = 64
+
+
+class EngineError(Exception):
+    """Start-up failed; the message says why and what to do."""
+
+
+class Engine:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.settings = config.engine
+        self.config_path = config_path
+        self.counters = Counters()
+        self.sad = Sad()
+        self.spd = Spd(self._default_actions())
+        for sa in config.sas:
+            sa.on_event = self._on_sa_event
+            self.sad.add(sa)
+        for pol in config.policies:
+            self.spd.add(pol)
+        self.audit = AuditLog(lambda line: log.warning("%s", line), rate=float(getattr(self.settings, "audit_rate", 5.0)))
+        self._icmp_limiter = RateLimiter(float(self.settings.icmp_rate), int(self.settings.icmp_burst))
+        self.path_mtu = PathMtu()
+        self.local = LocalAddresses()
+        self.tracers: list[Any] = []
+        self.pipeline = Pipeline(
+            self.spd,
+            self.sad,
+            self.counters,
+            is_local=self.local,
+            path_mtu=self.path_mtu,
+            icmp_allow=self._icmp_limiter.allow,
+            audit=self.audit,
+        )
+        self.queues: list[Any] = []
+        self.tun: TunDevice | None = None
+        self.raw: RawSender | None = None
+        self.tun_ifindex = -1
+        self.control: control.ControlServer | None = None
+        self._lock_fd = -1
+        self._stop = False
+        self._hooks_installed = False
+        self.started = time.time()
+        self.events: list[dict[str, Any]] = []
+
+    def _default_actions(self) -> Any:
+        return self.settings.default_actions()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._acquire_lock()
+            self.raw = RawSender(self.settings.mark)
+            self.tun = TunDevice(self.settings.tunnel_device)
+            self.tun_ifindex = self.tun.ifindex
+            from .nfqueue import NfQueue
+
+            for w in range(max(1, int(getattr(self.settings, "workers", 1)))):
+                qn = self.settings.queue_num + w
+                try:
+                    self.queues.append(NfQueue(qn, fail_open=self.settings.fail_open))
+                except OSError as e:
+                    raise EngineError(f"cannot bind NFQUEUE {qn}: {e}") from None
+            self.control = control.ControlServer(self.settings.control_socket, self)
+            self.install_hooks()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def install_hooks(self) -> None:
+        plan = hooks.plan(self.settings, self.spd, self.sad)
+        hooks.install(plan)
+        self._hooks_installed = True
+
+    def _acquire_lock(self) -> None:
+        sock = Path(self.settings.control_socket)
+        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = sock.with_suffix(".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise EngineError(
+                    f"another nfq-ipsec engine (pid {other}) is already running with control socket {sock}; "
+                    "stop it first (or give this one another [engine] control_socket)"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        self._lock_path = lock
+
+    def shutdown(self) -> None:
+        """Undo everything start() did, in reverse order; safe to call more than once."""
+        if self._hooks_installed:
+            try:
+                hooks.remove(self.settings.chain_prefix)
+            except Exception as e:  # report, keep tearing down
+                log.error("removing iptables hooks failed: %s (run `nfq-ipsec hooks remove`)", e)
+            self._hooks_installed = False
+        for q in self.queues:
+            try:
+                q.close()
+            except Exception:
+                pass
+        self.queues = []
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self._stop = True
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """Process packets until SIGTERM/SIGINT (or request_stop)."""
+        sel = selectors.DefaultSelector()
+        for q in self.queues:
+            sel.register(q.fileno(), selectors.EVENT_READ, q)
+        if self.control is not None:
+            sel.register(self.control.fileno(), selectors.EVENT_READ, self.control)
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        cb = self._on_packet
+        try:
+            while not self._stop:
+                for key, _ in sel.select(timeout=0.5):
+                    obj = key.data
+                    if obj is self.control:
+                        self.control.handle_ready(sel)
+                    elif isinstance(obj, control.ClientConn):
+                        obj.handle_ready(sel)
+                    else:
+                        try:
+                            while obj.process(cb, BATCH) == BATCH:
+                                pass
+                        except Exception as e:  # the binding already dropped that packet (fail closed)
+                            self.counters.inc("NfqEngineError")
+                            self.audit(f"packet handler error: {type(e).__name__}: {e}")
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            sel.close()
+
+    def _on_packet(self, payload: bytes, hook: int, indev: int, outdev: int, mark: int) -> int | tuple[int, bytes]:
+        d = self.pipeline.process(hook, payload, indev == self.tun_ifindex)
+        if d.actions:
+            self._execute(d.actions)
+        if self.tracers:
+            control.publish_trace(self, hook, payload, d)
+        if d.payload is not None:
+            return (d.verdict, d.payload)
+        return d.verdict
+
+    def _execute(self, actions: list[Any]) -> None:
+        raw, tun = self.raw, self.tun
+        for a in actions:
+            if isinstance(a, InjectTunnel):
+                if tun is not None:
+                    tun.write(a.packet)
+            elif isinstance(a, SendPacket):
+                if raw is not None:
+                    for p in a.packets:
+                        raw.send_ip(a.family, p, a.dst)
+            elif isinstance(a, SendIcmp) and raw is not None:
+                raw.send_icmp(a.family, a.dst, a.message)
+
+    def _on_sa_event(self, ev: SaEvent) -> None:
+        log.warning("SA %s: %s (%s)", ev.sa, ev.kind, ev.reason)
+        self.events.append({"time": time.time(), "sa": ev.sa, "kind": ev.kind, "reason": ev.reason})
+        del self.events[:-100]
+
+    # -- introspection (control socket) ------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        from .nfqueue import kernel_queue_stats
+
+        queues = []
+        for q in self.queues:
+            entry: dict[str, Any] = {"queue": q.queue_num, **q.stats()}
+            k = kernel_queue_stats(q.queue_num)
+            if k is not None:
+                entry["kernel"] = k
+            queues.append(entry)
+        return {
+            "uptime": round(time.time() - self.started, 3),
+            "counters": self.counters.snapshot(),
+            "sas": {sa.name: sa.counters.as_dict() for sa in self.sad.list()},
+            "policies": {p.name: p.counters.as_dict() for p in self.spd.list()},
+            "queues": queues,
+            "send_errors": self.raw.errors if self.raw else 0,
+            "audit_suppressed": self.audit.suppressed,
+            "events": list(self.events),
+        }

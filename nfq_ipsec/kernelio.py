@@ -1,0 +1,162 @@
+"""The engine's I/O helpers: TUN device, raw sockets, path MTU and local-address oracles.
+
+Everything here touches the kernel; the pipeline only sees the callables and the side-effect
+objects these helpers execute.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import time
+
+SO_MARK = 36
+IP_MTU = 14
+IPV6_MTU = 24
+IPV6_HDRINCL = 36
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+class TunDevice:
+    """A TUN device used to hand decrypted tunnel-mode packets back to the kernel.
+
+    Writing an IP packet to it makes the kernel receive it as if it arrived on that interface:
+    it is routed, delivered locally or forwarded (and then meets the FORWARD hook), exactly
+    like any other arriving packet. Reverse-path filtering is switched off on this device
+    only, since the inner source is naturally reachable through another interface.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            for key, value in (
+                (f"net.ipv4.conf.{name}.rp_filter", "0"),
+                (f"net.ipv4.conf.{name}.accept_local", "1"),
+                (f"net.ipv6.conf.{name}.disable_ipv6", "0"),
+            ):
+                subprocess.run(["sysctl", "-qw", f"{key}={value}"], check=False, capture_output=True)
+            subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
+            self.ifindex = socket.if_nametoindex(name)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, packet: bytes) -> None:
+        try:
+            os.write(self.fd, packet)
+        except BlockingIOError:
+            pass  # the kernel's backlog is full: like any congested link, drop
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # a non-persistent TUN device disappears with its last fd
+            self.fd = -1
+
+
+class RawSender:
+    """Raw sockets (marked so our own iptables rules let them pass) for packets we emit."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.ip4 = self._sock(socket.AF_INET, socket.IPPROTO_RAW)
+        self.ip6 = self._sock(socket.AF_INET6, socket.IPPROTO_RAW)
+        self.ip6.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+        self.icmp4 = self._sock(socket.AF_INET, socket.IPPROTO_ICMP)
+        self.icmp6 = self._sock(socket.AF_INET6, socket.IPPROTO_ICMPV6)
+        self.errors = 0
+
+    def _sock(self, family: int, proto: int) -> socket.socket:
+        s = socket.socket(family, socket.SOCK_RAW, proto)
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        s.setblocking(False)
+        return s
+
+    def send_ip(self, family: int, packet: bytes, dst: bytes) -> None:
+        try:
+            if family == 4:
+                self.ip4.sendto(packet, (socket.inet_ntop(socket.AF_INET, dst), 0))
+            else:
+                self.ip6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, dst), 0))
+        except OSError:
+            self.errors += 1
+
+    def send_icmp(self, family: int, dst: bytes, message: bytes) -> None:
+        try:
+            if family == 4:
+                self.icmp4.sendto(message, (socket.inet_ntop(socket.AF_INET, dst), 0))
+            else:
+                self.icmp6.sendto(message, (socket.inet_ntop(socket.AF_INET6, dst), 0))
+        except OSError:
+            self.errors += 1
+
+    def close(self) -> None:
+        for s in (self.ip4, self.ip6, self.icmp4, self.icmp6):
+            s.close()
+
+
+class PathMtu:
+    """Path MTU towards a destination, from the kernel's routing cache (IP_MTU), cached briefly."""
+
+    def __init__(self, ttl: float = 2.0, default: int = 1500) -> None:
+        self.ttl = ttl
+        self.default = default
+        self._cache: dict[bytes, tuple[int, float]] = {}
+
+    def __call__(self, family: int, dst: bytes) -> int:
+        now = time.monotonic()
+        hit = self._cache.get(dst)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        mtu = self._query(family, dst)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[dst] = (mtu, now + self.ttl)
+        return mtu
+
+    def _query(self, family: int, dst: bytes) -> int:
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        try:
+            with socket.socket(af, socket.SOCK_DGRAM) as s:
+                s.connect((socket.inet_ntop(af, dst), 9))
+                if family == 4:
+                    return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+                return int(s.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+        except OSError:
+            return self.default
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+
+class LocalAddresses:
+    """Is an address one of this host's? (bind() succeeds only for local addresses.) Cached."""
+
+    def __init__(self, ttl: float = 2.0) -> None:
+        self.ttl = ttl
+        self._cache: dict[bytes, tuple[bool, float]] = {}
+
+    def __call__(self, family: int, addr: bytes) -> bool:
+        now = time.monotonic()
+        hit = self._cache.get(addr)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        try:
+            with socket.socket(af, socket.SOCK_DGRAM) as s:
+                s.bind((socket.inet_ntop(af, addr), 0))
+            local = True
+        except OSError:
+            local = False
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[addr] = (local, now + self.ttl)
+        return local

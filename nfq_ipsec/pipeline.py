@@ -1,0 +1,389 @@
+"""The scheme-two decision pipeline: one packet in, one verdict (plus side effects) out.
+
+This is the sans-I/O heart of the engine. `Pipeline.process(hook, packet)` implements the
+processing model at the three netfilter hooks the engine is attached to:
+
+* INPUT (the kernel has routed and reassembled the packet): ESP/AH → SAD lookup → SA state
+  and lifetime → anti-replay → ICV → decrypt → inbound policy check of the inner packet
+  (RFC 4301 §5.2 step 4) → transport: hand the inner packet back to the kernel (the
+  verdict's new payload); tunnel: re-inject it through the TUN device so the kernel routes
+  it (delivered locally or forwarded, the FORWARD rules then apply).
+  Not IPsec → inbound SPD: BYPASS accept, PROTECT/DISCARD drop.
+* FORWARD: arriving clear traffic is checked against `fwd` policies (it must not match a
+  PROTECT one: it should have come protected), then the outbound SPD (`out`) decides:
+  PROTECT → encapsulate, re-fragment, send it ourselves (the route of the *outer* packet
+  matters, and the kernel does not re-route after FORWARD); BYPASS → accept; DISCARD → drop
+  and report with ICMP administratively prohibited (rate limited), a counter and a log line.
+* OUTPUT: SPD `out`: PROTECT → encapsulate and hand back to the kernel, which re-routes and
+  fragments (or send it ourselves when the outer family differs); BYPASS accept; DISCARD drop.
+
+No sockets here: side effects come back as `Action` objects for the adapter to perform, and
+the environment (is an address local? what is the path MTU?) is injected as callables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import counters as C
+from . import packet
+from .errors import Drop
+from .spd import Action, Direction
+
+if TYPE_CHECKING:
+    from .counters import Counters
+    from .sa import SecurityAssociation
+    from .sad import Sad
+    from .spd import Policy, Spd
+
+NF_DROP = 0
+NF_ACCEPT = 1
+
+HOOK_INPUT = 1
+HOOK_FORWARD = 2
+HOOK_OUTPUT = 3
+HOOK_NAMES = {HOOK_INPUT: "input", HOOK_FORWARD: "forward", HOOK_OUTPUT: "output"}
+
+PROTO_TCP = 6
+PROTO_ESP = 50
+PROTO_AH = 51
+
+IPV6_MIN_MTU = 1280
+IPV4_MIN_MTU = 68
+
+
+@dataclass(slots=True)
+class SendPacket:
+    """Send a complete IP packet (already fragmented to fit) from the engine's raw socket."""
+
+    family: int
+    packets: list[bytes]
+    dst: bytes
+
+
+@dataclass(slots=True)
+class InjectTunnel:
+    """Hand a decrypted tunnel-mode inner packet to the kernel through the TUN device."""
+
+    packet: bytes
+
+
+@dataclass(slots=True)
+class SendIcmp:
+    """Send an ICMP/ICMPv6 error message (no IP header) to `dst` (packed address)."""
+
+    family: int
+    dst: bytes
+    message: bytes
+
+
+SideEffect = SendPacket | InjectTunnel | SendIcmp
+
+
+@dataclass(slots=True)
+class Decision:
+    verdict: int
+    payload: bytes | None = None
+    actions: list[SideEffect] = field(default_factory=list)
+    reason: str = ""  # why (for drops: the counter's reason)
+    policy: str | None = None
+    sa: str | None = None
+
+
+_NO_ACTIONS: list[SideEffect] = []  # shared, never mutated: the common accept path allocates nothing
+ACCEPT = Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass")
+
+
+def _addr_str(family: int, raw: bytes) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        return raw.hex()
+
+
+class AuditLog:
+    """Rate-limited audit lines: at most `rate` per second, with a summary of what was held back."""
+
+    def __init__(self, sink: Callable[[str], None] | None, rate: float = 5.0, burst: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sink = sink
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.last = clock()
+        self.suppressed = 0
+
+    def __call__(self, line: str) -> None:
+        if self.sink is None:
+            return
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            self.suppressed += 1
+            return
+        self.tokens -= 1.0
+        if self.suppressed:
+            self.sink(f"{self.suppressed} audit lines suppressed (rate limit)")
+            self.suppressed = 0
+        self.sink(line)
+
+
+class Pipeline:
+    """Decides the fate of each packet at INPUT, FORWARD and OUTPUT (see module docstring)."""
+
+    def __init__(
+        self,
+        spd: Spd,
+        sad: Sad,
+        counters: Counters,
+        *,
+        is_local: Callable[[int, bytes], bool],
+        path_mtu: Callable[[int, bytes], int],
+        icmp_allow: Callable[[], bool] = lambda: True,
+        audit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spd = spd
+        self.sad = sad
+        self.counters = counters
+        self.is_local = is_local
+        self.path_mtu = path_mtu
+        self.icmp_allow = icmp_allow
+        self.audit = audit or (lambda line: None)
+        self._ident = 0
+
+    # -- entry point -------------------------------------------------------------------------
+    def process(self, hook: int, pkt: bytes, from_tunnel: bool = False) -> Decision:
+        """Never raises: every failure is a counted DROP."""
+        try:
+            if hook == HOOK_INPUT:
+                d = self._input(pkt)
+            elif hook == HOOK_OUTPUT:
+                d = self._output(pkt)
+            elif hook == HOOK_FORWARD:
+                d = self._forward(pkt, from_tunnel)
+            else:
+                d = ACCEPT
+        except Drop as e:
+            self.counters.inc(e.counter)
+            d = Decision(NF_DROP, None, _NO_ACTIONS, e.reason)
+        except Exception as e:  # a bug: fail closed, count, keep the engine alive
+            self.counters.inc(C.ENGINE_ERROR)
+            self.audit(f"internal error on {HOOK_NAMES.get(hook, hook)} packet: {type(e).__name__}: {e}")
+            d = Decision(NF_DROP, None, _NO_ACTIONS, f"internal error: {type(e).__name__}")
+        return d
+
+    # -- INPUT -------------------------------------------------------------------------------
+    def _input(self, pkt: bytes) -> Decision:
+        info = packet.parse(pkt)
+        if info.proto == PROTO_ESP or info.proto == PROTO_AH:
+            return self._inbound_ipsec(pkt, info)
+        policy = self.spd.lookup(Direction.IN, info.flow)
+        action = policy.action if policy is not None else self.spd.default_action(Direction.IN)
+        name = policy.name if policy is not None else None
+        if action is Action.BYPASS:
+            if policy is not None:
+                policy.counters.account(len(pkt))
+            return ACCEPT if policy is None else Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", name)
+        if action is Action.PROTECT:
+            self.counters.inc(C.IN_CLEARTEXT_PROTECTED)
+            self.audit(f"input: cleartext {self._flow_str(info)} matches protect policy {name}: dropped")
+            return Decision(NF_DROP, None, _NO_ACTIONS, "cleartext packet matches a protect policy", name)
+        self.counters.inc(C.XFRM_IN_POL_BLOCK)
+        return Decision(NF_DROP, None, _NO_ACTIONS, "discard policy" if policy else "default discard", name)
+
+    def _inbound_ipsec(self, pkt: bytes, info: packet.PacketInfo) -> Decision:
+        sa = self.sad.lookup_inbound(info.proto, info.spi, info.dst, info.src)
+        if sa is None:
+            self.counters.inc(C.XFRM_IN_NO_STATES)
+            self.audit(
+                f"input: no SA for {'ESP' if info.proto == PROTO_ESP else 'AH'} spi=0x{info.spi & 0xFFFFFFFF:08x} "
+                f"{_addr_str(info.version, info.src)} -> {_addr_str(info.version, info.dst)}: dropped"
+            )
+            return Decision(NF_DROP, None, _NO_ACTIONS, f"no SA for spi 0x{info.spi & 0xFFFFFFFF:08x}")
+        try:
+            inner = sa.unprotect(pkt)
+        except Drop as e:
+            self.counters.inc(e.counter)
+            return Decision(NF_DROP, None, _NO_ACTIONS, e.reason, None, sa.name)
+        try:
+            iinfo = packet.parse(inner)
+        except Drop as e:
+            self.counters.inc(e.counter)
+            return Decision(NF_DROP, None, _NO_ACTIONS, "inner packet: " + e.reason, None, sa.name)
+        if sa.mode == "tunnel":
+            direction = Direction.IN if self.is_local(iinfo.version, iinfo.dst) else Direction.FWD
+        else:
+            direction = Direction.IN
+        policy = self.spd.lookup(direction, iinfo.flow)
+        if policy is None or policy.action is not Action.PROTECT or policy.sa != sa.name:
+            self.counters.inc(C.XFRM_IN_TMPL_MISMATCH)
+            why = (
+                f"inner packet {self._flow_str(iinfo)} matches no {direction.value} protect policy of SA {sa.name}"
+                if policy is None or policy.action is not Action.PROTECT
+                else f"inner packet {self._flow_str(iinfo)} matches policy {policy.name} of SA {policy.sa}, "
+                f"not {sa.name}"
+            )
+            self.audit(f"input: {why}: dropped")
+            return Decision(NF_DROP, None, _NO_ACTIONS, why, policy.name if policy else None, sa.name)
+        policy.counters.account(len(inner))
+        if sa.mode == "tunnel":
+            return Decision(NF_DROP, None, [InjectTunnel(inner)], "decrypted (tunnel)", policy.name, sa.name)
+        return Decision(NF_ACCEPT, inner, _NO_ACTIONS, "decrypted", policy.name, sa.name)
+
+    # -- OUTPUT ------------------------------------------------------------------------------
+    def _output(self, pkt: bytes) -> Decision:
+        info = packet.parse(pkt)
+        policy = self.spd.lookup(Direction.OUT, info.flow)
+        action = policy.action if policy is not None else self.spd.default_action(Direction.OUT)
+        if action is Action.BYPASS:
+            if policy is not None:
+                policy.counters.account(len(pkt))
+                return Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", policy.name)
+            return ACCEPT
+        if action is Action.DISCARD:
+            self.counters.inc(C.XFRM_OUT_POL_BLOCK)
+            return Decision(NF_DROP, None, _NO_ACTIONS, "discard policy" if policy else "default discard",
+                            policy.name if policy else None)
+        assert policy is not None
+        return self._protect(pkt, info, policy, local=True)
+
+    # -- FORWARD -----------------------------------------------------------------------------
+    def _forward(self, pkt: bytes, from_tunnel: bool) -> Decision:
+        info = packet.parse(pkt)
+        if not from_tunnel:
+            # arriving in clear: the fwd SPD must allow it (RFC 4301 §5.2: inbound checks of transit traffic)
+            fpol = self.spd.lookup(Direction.FWD, info.flow)
+            faction = fpol.action if fpol is not None else self.spd.default_action(Direction.FWD)
+            if faction is Action.PROTECT:
+                self.counters.inc(C.IN_CLEARTEXT_PROTECTED)
+                self.audit(f"forward: cleartext {self._flow_str(info)} matches protect policy "
+                           f"{fpol.name if fpol else '?'}: dropped")
+                return Decision(NF_DROP, None, _NO_ACTIONS, "cleartext packet matches a fwd protect policy",
+                                fpol.name if fpol else None)
+            if faction is Action.DISCARD:
+                return self._discard_and_report(pkt, info, fpol, "fwd")
+        policy = self.spd.lookup(Direction.OUT, info.flow)
+        action = policy.action if policy is not None else self.spd.default_action(Direction.OUT)
+        if action is Action.BYPASS:
+            if policy is not None:
+                policy.counters.account(len(pkt))
+                return Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", policy.name)
+            return ACCEPT
+        if action is Action.DISCARD:
+            return self._discard_and_report(pkt, info, policy, "out")
+        assert policy is not None
+        return self._protect(pkt, info, policy, local=False)
+
+    def _discard_and_report(self, pkt: bytes, info: packet.PacketInfo, policy: Policy | None, dirname: str) -> Decision:
+        from . import icmp
+
+        self.counters.inc(C.FWD_POL_BLOCK)
+        name = policy.name if policy is not None else None
+        if policy is not None:
+            policy.counters.account(len(pkt))
+        actions: list[SideEffect] = []
+        if self.icmp_allow():
+            msg = icmp.icmp_admin_prohibited(pkt)
+            if msg is not None:
+                actions.append(SendIcmp(info.version, info.src, msg))
+        self.audit(
+            f"forward: {self._flow_str(info)} discarded by {dirname} policy {name or '(default)'}"
+            + (", ICMP administratively prohibited sent" if actions else "")
+        )
+        return Decision(NF_DROP, None, actions, f"discarded by {dirname} policy", name)
+
+    # -- protection (OUTPUT and FORWARD) -----------------------------------------------------
+    def _protect(self, pkt: bytes, info: packet.PacketInfo, policy: Policy, local: bool) -> Decision:
+        sa = self.sad.get(policy.sa) if policy.sa else None
+        if sa is None:
+            self.counters.inc(C.XFRM_OUT_NO_STATES)
+            self.audit(f"output: protect policy {policy.name} has no SA {policy.sa!r}: dropped")
+            return Decision(NF_DROP, None, _NO_ACTIONS, f"no SA {policy.sa!r}", policy.name)
+        if sa.mode == "transport" and sa.family != info.version:
+            self.counters.inc(C.XFRM_OUT_STATE_MODE_ERROR)
+            return Decision(NF_DROP, None, _NO_ACTIONS, "transport SA of the other address family", policy.name, sa.name)
+        out = sa.protect(pkt)
+        policy.counters.account(len(pkt))
+        mtu = self.path_mtu(sa.family, sa.dst_packed if sa.mode == "tunnel" else info.dst)
+        if len(out) > mtu:
+            too_big = self._too_big(pkt, info, sa, out, mtu)
+            if too_big is not None:
+                return too_big
+        same_family = sa.family == info.version
+        if local and same_family:
+            # the kernel re-routes (addresses changed in LOCAL_OUT) and fragments what does not fit
+            return Decision(NF_ACCEPT, out, _NO_ACTIONS, "protected", policy.name, sa.name)
+        frags = self._fragment(out, sa.family, mtu)
+        return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name)
+
+    def _too_big(self, pkt: bytes, info: packet.PacketInfo, sa: SecurityAssociation, out: bytes,
+                 mtu: int) -> Decision | None:
+        """RFC 4301 §8: DF set (IPv4) or IPv6 that would not have been fragmented → tell the sender.
+
+        Returns None when the encapsulated packet should be fragmented instead. IPv6 senders
+        that already exceed the path MTU mean to fragment (UDP/ICMP sockets let the kernel do it);
+        TCP never does, so it always gets a Packet Too Big with the MTU left after our overhead.
+        """
+        from . import icmp
+
+        if info.version == 4:
+            if not info.df:
+                return None
+        elif len(pkt) > mtu and info.proto != PROTO_TCP:
+            return None
+        overhead = len(out) - len(pkt)
+        inner_mtu = self._inner_mtu(sa, mtu, overhead)
+        if info.version == 6 and inner_mtu < IPV6_MIN_MTU:
+            # IPv6 senders ignore a PTB below 1280: the tunnel fragments the outer packet instead
+            # (RFC 2473 §7.1)
+            return None
+        self.counters.inc(C.OUT_TOO_BIG)
+        actions: list[SideEffect] = []
+        if self.icmp_allow():
+            msg = icmp.icmp_too_big(pkt, inner_mtu)
+            if msg is not None:
+                actions.append(SendIcmp(info.version, info.src, msg))
+        return Decision(NF_DROP, None, actions, f"too big after encapsulation (path MTU {mtu}, inner MTU {inner_mtu})",
+                        None, sa.name)
+
+    @staticmethod
+    def _inner_mtu(sa: SecurityAssociation, mtu: int, overhead: int) -> int:
+        """Largest inner packet that still fits: this packet's overhead plus worst-case padding."""
+        block = int(getattr(sa.transform, "block_size", 4) or 4)
+        inner = mtu - overhead - (block - 1)
+        inner -= inner % 4
+        return max(inner, IPV4_MIN_MTU)
+
+    def _fragment(self, out: bytes, family: int, mtu: int) -> list[bytes]:
+        if len(out) <= mtu:
+            return [out]
+        from . import fragment
+
+        if family == 4:
+            try:
+                return fragment.fragment_ipv4(out, mtu)
+            except ValueError as e:
+                raise Drop(C.OUT_FRAG_ERROR, f"cannot fragment: {e}") from None
+        self._ident = (self._ident + 1) & 0xFFFFFFFF
+        try:
+            return fragment.fragment_ipv6(out, max(mtu, IPV6_MIN_MTU), self._ident)
+        except ValueError as e:
+            raise Drop(C.OUT_FRAG_ERROR, f"cannot fragment: {e}") from None
+
+    # -- tracing -----------------------------------------------------------------------------
+    @staticmethod
+    def _flow_str(info: packet.PacketInfo) -> str:
+        f = info.flow
+        s = f"{_addr_str(info.version, info.src)} -> {_addr_str(info.version, info.dst)} proto {f.proto}"
+        if f.sport >= 0:
+            s += f" sport {f.sport} dport {f.dport}"
+        if f.icmp_type >= 0:
+            s += f" icmp {f.icmp_type}/{f.icmp_code}"
+        return s

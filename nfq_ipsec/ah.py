@@ -24,9 +24,9 @@ after the packet for the ICV computation only; they are never transmitted.
 The AH is padded to a multiple of 4 bytes under IPv4 and 8 bytes under IPv6 (§2.6), i.e. for
 hmac-sha256-128 28 and 32 bytes; like Linux the receiver insists on exactly that length.
 
-In IPv6 transport mode the AH goes after hop-by-hop, routing, and destination options not
-preceded by a routing header, and before a fragment header, as Linux places it
-(ip6_find_1stfragopt) and scapy follows.
+In IPv6 transport mode the AH goes where packet.transport_insertion_point() says: after
+hop-by-hop, routing, and destination options not preceded by a routing header, before a fragment
+header (Linux's ip6_find_1stfragopt, which scapy follows). Inbound, packet.find_header() locates it.
 
 Inbound order (§3.4): parse -> replay check -> ICV (constant-time compare) -> replay update ->
 strip. Every failure raises `Drop` with a global counter and bumps the SA's own counter; nothing
@@ -44,20 +44,24 @@ from . import counters
 from .algorithms import HmacIntegrity
 from .checksum import internet_checksum
 from .errors import Drop
+from .packet import (
+    PROTO_AH,
+    PROTO_DSTOPTS,
+    PROTO_HOPOPTS,
+    PROTO_IPIP,
+    PROTO_IPV6,
+    PROTO_NONE,
+    PROTO_ROUTING,
+    find_header,
+    ipv4_header,
+    ipv6_header,
+    transport_insertion_point,
+)
 
 if TYPE_CHECKING:
     from .sa import SecurityAssociation
 
-PROTO_AH = 51
-PROTO_IPIP = 4
-PROTO_IPV6 = 41
-NO_NEXT_HEADER = 59
 AH_FIXED_LEN = 12  # next header, payload length, reserved, SPI, sequence number
-
-_HOP_BY_HOP = 0
-_ROUTING = 43
-_FRAGMENT = 44
-_DEST_OPTS = 60
 
 # RFC 4302 Appendix A1: the only IPv4 options included in the ICV as they are (full type octets)
 _IMMUTABLE_V4_OPTIONS = frozenset({
@@ -75,9 +79,12 @@ _V6_OPT_MAY_CHANGE = 0x20
 _V6_OPT_PAD1 = 0
 _V6_OPT_HOME_ADDRESS = 201
 _V4_MF_OFFSET_MASK = 0x3FFF
-_V4_DF = 0x4000
+OUTER_TTL = 64
 _MAX_V4_LEN = 0xFFFF
 
+_AH_FIXED = struct.Struct("!BBHII")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 _ip_ids = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
 
@@ -108,12 +115,11 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
     icv_len = integ.icv_len
     if sa.mode == "tunnel":
         inner = _inner_packet(packet)
-        out, ah_off = _tunnel_header(sa, inner)
         ah_len = header_len(icv_len, sa.family)
-        payload_nh = PROTO_IPIP if inner[0] >> 4 == 4 else PROTO_IPV6
-        out += _ah_header(payload_nh, ah_len, sa.spi, seq)
+        out = bytearray(_tunnel_header(sa, inner, ah_len + len(inner)))
+        ah_off = len(out)
+        out += _ah_header(PROTO_IPIP if inner[0] >> 4 == 4 else PROTO_IPV6, ah_len, sa.spi, seq)
         out += inner
-        _set_lengths(out, sa.family, ah_off)
     else:
         buf = memoryview(packet)
         version = buf[0] >> 4 if len(buf) else 0
@@ -123,14 +129,14 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
         ah_len = header_len(icv_len, version)
         if version == 4:
             total, ah_off = _v4_bounds(buf, counters.XFRM_OUT_ERROR)
-            if struct.unpack_from("!H", buf, 6)[0] & _V4_MF_OFFSET_MASK:
+            if _U16.unpack_from(buf, 6)[0] & _V4_MF_OFFSET_MASK:
                 raise Drop(counters.XFRM_OUT_ERROR, "transport mode cannot protect an IPv4 fragment")
             payload_nh = buf[9]
             out = bytearray(buf[:ah_off])
             out[9] = PROTO_AH
         else:
             total = _v6_total(buf, counters.XFRM_OUT_ERROR)
-            ah_off, nh_pos = _v6_ah_position(buf, total, counters.XFRM_OUT_ERROR)
+            ah_off, nh_pos = transport_insertion_point(buf, total)
             out = bytearray(buf[:ah_off])
             payload_nh = out[nh_pos]
             out[nh_pos] = PROTO_AH
@@ -139,7 +145,7 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
         _set_lengths(out, version, ah_off)
     icv_input = bytearray(out)
     _zero_mutable(icv_input, ah_off, icv_len, counters.XFRM_OUT_ERROR)
-    seq_hi = struct.pack("!I", seq >> 32 & 0xFFFFFFFF) if sa.esn else b""
+    seq_hi = _U32.pack(seq >> 32 & 0xFFFFFFFF) if sa.esn else b""
     icv_at = ah_off + AH_FIXED_LEN
     out[icv_at:icv_at + icv_len] = integ.compute(icv_input, seq_hi)
     return bytes(out)
@@ -148,7 +154,7 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
 def _ah_header(next_header: int, ah_len: int, spi: int, seq: int) -> bytearray:
     """AH with a zeroed ICV and zero padding (RFC 4302 §2: payload length = 32-bit words - 2)."""
     ah = bytearray(ah_len)
-    struct.pack_into("!BBHII", ah, 0, next_header, ah_len // 4 - 2, 0, spi, seq & 0xFFFFFFFF)
+    _AH_FIXED.pack_into(ah, 0, next_header, ah_len // 4 - 2, 0, spi, seq & 0xFFFFFFFF)
     return ah
 
 
@@ -157,13 +163,13 @@ def _set_lengths(out: bytearray, family: int, header_end: int) -> None:
     if family == 4:
         if len(out) > _MAX_V4_LEN:
             raise Drop(counters.XFRM_OUT_ERROR, f"AH packet of {len(out)} bytes exceeds the IPv4 maximum")
-        struct.pack_into("!H", out, 2, len(out))
+        _U16.pack_into(out, 2, len(out))
         out[10] = out[11] = 0
-        struct.pack_into("!H", out, 10, internet_checksum(memoryview(out)[:header_end]))
+        _U16.pack_into(out, 10, internet_checksum(memoryview(out)[:header_end]))
     else:
         if len(out) - 40 > 0xFFFF:
             raise Drop(counters.XFRM_OUT_ERROR, f"AH packet of {len(out)} bytes needs a jumbogram")
-        struct.pack_into("!H", out, 4, len(out) - 40)
+        _U16.pack_into(out, 4, len(out) - 40)
 
 
 def _inner_packet(packet: bytes | memoryview) -> memoryview:
@@ -179,22 +185,23 @@ def _inner_packet(packet: bytes | memoryview) -> memoryview:
     return buf[:total]
 
 
-def _tunnel_header(sa: SecurityAssociation, inner: memoryview) -> tuple[bytearray, int]:
-    """Outer header for tunnel mode (RFC 4301 §5.1.2): TOS/TC copied, DF copied from an IPv4 inner."""
+def _tunnel_header(sa: SecurityAssociation, inner: memoryview, payload_len: int) -> bytes:
+    """Outer header for tunnel mode (RFC 4301 §5.1.2, same choices as esp.py): TTL/hop limit 64,
+    TOS/TC copied, DF copied from an IPv4 inner packet, a fresh IPv4 ID, flow label 0."""
     if inner[0] >> 4 == 4:
         tos = inner[1]
-        df = struct.unpack_from("!H", inner, 6)[0] & _V4_DF
+        df = bool(inner[6] & 0x40)
     else:
         tos = (inner[0] & 0x0F) << 4 | inner[1] >> 4
-        df = 0
+        df = False
     if sa.family == 4:
-        ident = next(_ip_ids) & 0xFFFF
-        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, 0, ident, df, 64, PROTO_AH, 0,
-                                    sa.src_packed, sa.dst_packed))
-        return hdr, 20
-    hdr = bytearray(struct.pack("!IHBB16s16s", 0x60000000 | tos << 20, 0, PROTO_AH, 64,
-                                sa.src_packed, sa.dst_packed))
-    return hdr, 40
+        if 20 + payload_len > _MAX_V4_LEN:
+            raise Drop(counters.XFRM_OUT_ERROR, f"AH packet of {20 + payload_len} bytes exceeds 65535")
+        return ipv4_header(sa.src_packed, sa.dst_packed, PROTO_AH, payload_len, ttl=OUTER_TTL, tos=tos,
+                           ident=next(_ip_ids), df=df)
+    if payload_len > 0xFFFF:
+        raise Drop(counters.XFRM_OUT_ERROR, f"AH payload of {payload_len} bytes needs a jumbogram")
+    return ipv6_header(sa.src_packed, sa.dst_packed, PROTO_AH, payload_len, hlim=OUTER_TTL, tc=tos)
 
 
 # -- inbound ------------------------------------------------------------------------------------
@@ -211,20 +218,20 @@ def decapsulate(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
     try:
         if version == 4:
             total, ah_off = _v4_bounds(buf, counters.IN_MALFORMED)
-            if struct.unpack_from("!H", buf, 6)[0] & _V4_MF_OFFSET_MASK:
+            if _U16.unpack_from(buf, 6)[0] & _V4_MF_OFFSET_MASK:
                 raise Drop(counters.IN_MALFORMED, "IPv4 fragment (AH needs the reassembled packet)")
             if buf[9] != PROTO_AH:
-                raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, f"protocol {buf[9]} is not AH")
+                raise Drop(counters.IN_MALFORMED, f"protocol {buf[9]} where AH was expected")
             nh_pos = 9
         else:
             total = _v6_total(buf, counters.IN_MALFORMED)
-            ah_off, nh_pos = _v6_find_ah(buf, total)
+            ah_off, nh_pos = find_header(buf, total, PROTO_AH)
         integ = _integrity(sa)
         icv_len = integ.icv_len
         ah_len = header_len(icv_len, version)
         if ah_off + AH_FIXED_LEN > total:
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "truncated AH")
-        next_header, payload_len, _reserved, spi, seq_low = struct.unpack_from("!BBHII", buf, ah_off)
+        next_header, payload_len, _reserved, spi, seq_low = _AH_FIXED.unpack_from(buf, ah_off)
         if (payload_len + 2) * 4 != ah_len:
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR,
                        f"AH length {(payload_len + 2) * 4} != {ah_len} for a {icv_len}-byte ICV")
@@ -245,46 +252,45 @@ def decapsulate(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
         c.replay_drops += 1
         raise
     icv_at = ah_off + AH_FIXED_LEN
-    seq_hi = struct.pack("!I", seq >> 32) if sa.esn else b""
+    seq_hi = _U32.pack(seq >> 32) if sa.esn else b""
     if not integ.verify(icv_input, buf[icv_at:icv_at + icv_len], seq_hi):
         c.integrity_failures += 1
         raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "AH ICV mismatch")
     sa.replay.update(seq)
-    if next_header == NO_NEXT_HEADER:
+    if next_header == PROTO_NONE:
         raise Drop(counters.IN_DUMMY_PACKET, "AH next header 59 (no next header)")
     payload = buf[ah_off + ah_len:total]
     if sa.mode == "tunnel":
-        return bytes(payload)
+        return _tunnelled_packet(sa, payload, next_header)
     out = bytearray(buf[:ah_off])
     out[nh_pos] = next_header
     out += payload
     if version == 4:
-        struct.pack_into("!H", out, 2, len(out))
+        _U16.pack_into(out, 2, len(out))
         out[10] = out[11] = 0
-        struct.pack_into("!H", out, 10, internet_checksum(memoryview(out)[:ah_off]))
+        _U16.pack_into(out, 10, internet_checksum(memoryview(out)[:ah_off]))
     else:
-        struct.pack_into("!H", out, 4, len(out) - 40)
+        _U16.pack_into(out, 4, len(out) - 40)
     return bytes(out)
 
 
-def _v6_find_ah(buf: memoryview, total: int) -> tuple[int, int]:
-    """Offset of the AH in an inbound IPv6 packet and of the next-header byte that names it."""
-    nh = buf[6]
-    off = 40
-    nh_pos = 6
-    while nh != PROTO_AH:
-        if nh not in (_HOP_BY_HOP, _ROUTING, _DEST_OPTS):
-            if nh == _FRAGMENT:
-                raise Drop(counters.IN_MALFORMED, "IPv6 fragment (AH needs the reassembled packet)")
-            raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, f"next header {nh} where AH was expected")
-        if off + 8 > total:
-            raise Drop(counters.IN_MALFORMED, "truncated IPv6 extension header")
-        nh_pos = off
-        nh = buf[off]
-        off += (buf[off + 1] + 1) * 8
-        if off > total:
-            raise Drop(counters.IN_MALFORMED, "truncated IPv6 extension header")
-    return off, nh_pos
+def _tunnelled_packet(sa: SecurityAssociation, payload: memoryview, next_header: int) -> bytes:
+    """The inner packet, checked against the next header and trimmed to its own length (like esp.py)."""
+    version = payload[0] >> 4 if len(payload) else 0
+    if (next_header, version) == (PROTO_IPIP, 4) and len(payload) >= 20:
+        total = _U16.unpack_from(payload, 2)[0]
+        ok = 20 <= total <= len(payload)
+    elif (next_header, version) == (PROTO_IPV6, 6) and len(payload) >= 40:
+        total = 40 + _U16.unpack_from(payload, 4)[0]
+        ok = total <= len(payload)
+    else:
+        total, ok = 0, False
+    if not ok:
+        sa.counters.format_errors += 1
+        raise Drop(counters.XFRM_IN_STATE_MODE_ERROR,
+                   f"inner packet (IP version {version}, {len(payload)} bytes) does not match next header "
+                   f"{next_header}")
+    return bytes(payload[:total])
 
 
 # -- shared header walking ----------------------------------------------------------------------
@@ -295,7 +301,7 @@ def _v4_bounds(buf: memoryview, counter: str) -> tuple[int, int]:
     if len(buf) < 20 or buf[0] >> 4 != 4:
         raise Drop(counter, "truncated IPv4 header")
     hl = (buf[0] & 0x0F) * 4
-    total = struct.unpack_from("!H", buf, 2)[0]
+    total = _U16.unpack_from(buf, 2)[0]
     if hl < 20 or total < hl or total > len(buf):
         raise Drop(counter, f"bad IPv4 lengths (header {hl}, total {total}, have {len(buf)})")
     return total, hl
@@ -305,7 +311,7 @@ def _v6_total(buf: memoryview, counter: str) -> int:
     """Total length of an IPv6 packet (header + payload length), checked against the buffer."""
     if len(buf) < 40 or buf[0] >> 4 != 6:
         raise Drop(counter, "truncated IPv6 header")
-    payload_len = struct.unpack_from("!H", buf, 4)[0]
+    payload_len = _U16.unpack_from(buf, 4)[0]
     if payload_len == 0:
         raise Drop(counter, "IPv6 jumbograms are not supported")
     total = 40 + payload_len
@@ -314,34 +320,11 @@ def _v6_total(buf: memoryview, counter: str) -> int:
     return total
 
 
-def _v6_ah_position(buf: memoryview, total: int, counter: str) -> tuple[int, int]:
-    """Where transport-mode AH goes in an IPv6 packet, and the offset of the next-header byte before it.
-
-    After hop-by-hop, routing and destination options not following a routing header (Linux's
-    ip6_find_1stfragopt); before a fragment header, destination options that follow routing,
-    and the upper layer (RFC 4302 §3.1.1).
-    """
-    nh = buf[6]
-    off = 40
-    nh_pos = 6
-    seen_routing = False
-    while nh in (_HOP_BY_HOP, _ROUTING) or (nh == _DEST_OPTS and not seen_routing):
-        if off + 8 > total:
-            raise Drop(counter, "truncated IPv6 extension header")
-        seen_routing = seen_routing or nh == _ROUTING
-        nh_pos = off
-        nh = buf[off]
-        off += (buf[off + 1] + 1) * 8
-        if off > total:
-            raise Drop(counter, "truncated IPv6 extension header")
-    return off, nh_pos
-
-
 def _zero_mutable(pkt: bytearray, header_end: int, icv_len: int, counter: str) -> None:
     """Zero, in place, what RFC 4302 §3.3.3.1 excludes from the ICV: the mutable fields of the headers
     before the AH at `header_end`, and the AH's ICV (its alignment padding stays, as Linux does)."""
     icv_at = header_end + AH_FIXED_LEN
-    pkt[icv_at:icv_at + icv_len] = bytes(icv_len)
+    pkt[icv_at:icv_at + icv_len + 4] = bytes(icv_len + 4)
     if pkt[0] >> 4 == 4:
         _zero_mutable_v4(pkt, header_end, counter)
     else:
@@ -384,9 +367,9 @@ def _zero_mutable_v6(pkt: bytearray, header_end: int, counter: str) -> None:
     off = 40
     while off < header_end:
         ext_len = (pkt[off + 1] + 1) * 8
-        if nh in (_HOP_BY_HOP, _DEST_OPTS):
+        if nh in (PROTO_HOPOPTS, PROTO_DSTOPTS):
             _zero_mutable_v6_options(pkt, off, off + ext_len, counter)
-        elif nh == _ROUTING:
+        elif nh == PROTO_ROUTING:
             _predict_routing_header(pkt, off, ext_len, counter)
         nh = pkt[off]
         off += ext_len
@@ -435,5 +418,5 @@ def _predict_routing_header(pkt: bytearray, off: int, ext_len: int, counter: str
     last = addrs + 16 * (segments - 1)
     final = pkt[last:last + 16]
     pkt[first + 16:last + 16] = pkt[first:last]
-    pass
+    pkt[first:first + 16] = pkt[24:40]
     pkt[24:40] = final

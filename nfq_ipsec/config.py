@@ -106,11 +106,11 @@ class EngineSettings:
     mark: int = DEFAULT_MARK  # fwmark on packets the engine sends itself, so the hooks let them pass
     mark_mask: int = DEFAULT_MARK_MASK
     tunnel_device: str = "nfqipsec0"  # TUN device re-injecting decrypted tunnel-mode packets
-    icmp_rate: float = 10.0  # ICMP errors per second (0 = none are sent)
-    icmp_burst: int = 20
+    icmp_rate: float = 10.0  # ICMP errors per second on average (token bucket refill rate)
+    icmp_burst: int = 20  # bucket size; 0 = never send ICMP errors
     log_level: str = "info"
     audit_rate: float = 5.0  # audit log lines per second (drops, policy violations)
-    audit_burst: int = 10
+    audit_burst: int = 10  # 0 = no audit lines
 
     def default_actions(self) -> dict[Direction, Action]:
         """A fresh per-direction dict, as `Spd(...)` takes it."""
@@ -500,10 +500,10 @@ def _parse_engine(doc: _Doc, data: object) -> EngineSettings:
         mark_mask=mask,
         tunnel_device=dev,
         icmp_rate=float(t.get_number("icmp_rate", d.icmp_rate, 0, 1e6)),
-        icmp_burst=t.get_int("icmp_burst", d.icmp_burst, 1, 1_000_000),
+        icmp_burst=t.get_int("icmp_burst", d.icmp_burst, 0, 1_000_000),
         log_level=t.get_str("log_level", d.log_level, choices=LOG_LEVELS) or d.log_level,
         audit_rate=float(t.get_number("audit_rate", d.audit_rate, 0, 1e6)),
-        audit_burst=t.get_int("audit_burst", d.audit_burst, 1, 1_000_000),
+        audit_burst=t.get_int("audit_burst", d.audit_burst, 0, 1_000_000),
     )
 
 
@@ -962,13 +962,15 @@ def parse_fragment(
     known_sas: Collection[str] | Mapping[str, Any] = (),
     source: str = "<fragment>",
     known_policies: Collection[str] = (),
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[SecurityAssociation], list[Policy]]:
     """Parse ``[[sa]]``/``[[policy]]`` tables to add to a running engine.
 
     Policies may name SAs of the fragment or ``known_sas`` (names; a mapping name -> SA also
-    lets transport-family checks run). New names must not collide with known ones.
+    lets transport-family checks run). New names must not collide with known ones. Relative
+    key files resolve against ``base_dir`` (default: the current directory).
     """
-    doc = _Doc(text, source, _base_dir(source, None))
+    doc = _Doc(text, source, _base_dir(source, base_dir))
     data = doc.load()
     if "engine" in data:
         raise ConfigError(doc.where("", None, None, ("engine",)),

@@ -535,6 +535,8 @@ def _to_iptc(ipt: Any, rule: Rule) -> Any:
         r.in_interface = rule.in_iface
     if rule.out_iface is not None:
         r.out_interface = rule.out_iface
+    if rule.family == 6:
+        _fix_ip6_iface_masks(r, rule.in_iface, rule.out_iface)
     if rule.proto is not None:
         r.protocol = str(rule.proto)  # numeric: independent of /etc/protocols and iptc's name table
     for spec in rule.matches:
@@ -545,6 +547,23 @@ def _to_iptc(ipt: Any, rule: Rule) -> Any:
     for opt, value in rule.target_options:
         t.set_parameter(opt, value)
     return r
+
+
+def _iface_mask(name: str) -> bytes:
+    """The interface mask iptables itself builds: 0xff over the name and its NUL (not for `+`)."""
+    name = name.removeprefix("!")
+    n = len(name) - 1 if name.endswith("+") else len(name) + 1
+    return b"\xff" * n + b"\x00" * (16 - n)
+
+
+def _fix_ip6_iface_masks(r: Any, in_iface: str | None, out_iface: str | None) -> None:
+    """python-iptables' Rule6 fills interface masks with 0x01 bytes instead of 0xff, so the
+    kernel compares only the lowest bit of each character: `-i lo` then matches almost every
+    interface (seen: ESP arriving on a veth returned by our `-i lo -j RETURN`). Fix the masks."""
+    if in_iface is not None:
+        r.entry.ipv6.iniface_mask = _iface_mask(in_iface)
+    if out_iface is not None:
+        r.entry.ipv6.outiface_mask = _iface_mask(out_iface)
 
 
 def _is_ours(name: str, prefix: str) -> bool:

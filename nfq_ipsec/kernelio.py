@@ -17,6 +17,10 @@ SO_MARK = 36
 IP_MTU = 14
 IPV6_MTU = 24
 IPV6_HDRINCL = 36
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_PROBE = 3
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -70,6 +74,12 @@ class RawSender:
         self.ip4 = self._sock(socket.AF_INET, socket.IPPROTO_RAW)
         self.ip6 = self._sock(socket.AF_INET6, socket.IPPROTO_RAW)
         self.ip6.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+        # PROBE: the kernel checks our packets against the device MTU only, not the path-MTU
+        # cache. In transport mode (and host-to-host tunnels) the inner flow and the ESP
+        # packets share one destination; the MTU we advertise to the inner sender lowers that
+        # destination's cached PMTU, and the kernel must not then drop the (larger) ESP.
+        self.ip4.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        self.ip6.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
         self.icmp4 = self._sock(socket.AF_INET, socket.IPPROTO_ICMP)
         self.icmp6 = self._sock(socket.AF_INET6, socket.IPPROTO_ICMPV6)
         self.errors = 0
@@ -104,9 +114,14 @@ class RawSender:
 
 
 class PathMtu:
-    """Path MTU towards a destination, from the kernel's routing cache (IP_MTU), cached briefly."""
+    """MTU of the interface the route to a destination leaves by (and of the route, if set).
 
-    def __init__(self, ttl: float = 2.0, default: int = 1500) -> None:
+    Deliberately not the kernel's path-MTU cache: for transport mode and host-to-host tunnels
+    that cache also holds the inner MTU we advertised with ICMP (same destination), and
+    reading it back would ratchet our own MTU down. Cached for a few seconds per destination.
+    """
+
+    def __init__(self, ttl: float = 5.0, default: int = 1500) -> None:
         self.ttl = ttl
         self.default = default
         self._cache: dict[bytes, tuple[int, float]] = {}
@@ -125,13 +140,26 @@ class PathMtu:
     def _query(self, family: int, dst: bytes) -> int:
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         try:
-            with socket.socket(af, socket.SOCK_DGRAM) as s:
-                s.connect((socket.inet_ntop(af, dst), 9))
-                if family == 4:
-                    return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
-                return int(s.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
-        except OSError:
+            out = subprocess.run(["ip", "-o", f"-{family}", "route", "get", socket.inet_ntop(af, dst)],
+                                 capture_output=True, text=True, timeout=2).stdout
+        except (OSError, subprocess.SubprocessError):
             return self.default
+        words = out.split("cache")[0].split()
+        mtu = self.default
+        if "dev" in words:
+            dev = words[words.index("dev") + 1]
+            try:
+                with open(f"/sys/class/net/{dev}/mtu") as f:
+                    mtu = int(f.read())
+            except (OSError, ValueError):
+                pass
+        if "mtu" in words:
+            i = words.index("mtu") + 1
+            if i < len(words) and words[i] == "lock":
+                i += 1
+            if i < len(words) and words[i].isdigit():
+                mtu = min(mtu, int(words[i]))
+        return mtu
 
     def invalidate(self) -> None:
         self._cache.clear()

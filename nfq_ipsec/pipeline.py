@@ -234,6 +234,15 @@ class Pipeline:
             return Decision(NF_DROP, None, _NO_ACTIONS, why, policy.name if policy else None, sa.name)
         policy.counters.account(len(inner))
         if sa.mode == "tunnel":
+            if iinfo.version == 6 and direction is Direction.FWD:
+                # IPv6 routers never fragment, and the sender's fragments were reassembled before
+                # encryption: restore fragments that fit the next link, or the kernel would answer
+                # the (whole) inner packet with Packet Too Big.
+                mtu = self.path_mtu(6, iinfo.dst)
+                if len(inner) > mtu:
+                    frags = self._fragment(inner, 6, mtu)
+                    return Decision(NF_DROP, None, [InjectTunnel(f) for f in frags], "decrypted (tunnel)",
+                                    policy.name, sa.name)
             return Decision(NF_DROP, None, [InjectTunnel(inner)], "decrypted (tunnel)", policy.name, sa.name)
         return Decision(NF_ACCEPT, inner, _NO_ACTIONS, "decrypted", policy.name, sa.name)
 
@@ -316,10 +325,9 @@ class Pipeline:
             too_big = self._too_big(pkt, info, sa, out, mtu)
             if too_big is not None:
                 return too_big
-        same_family = sa.family == info.version
-        if local and same_family:
-            # the kernel re-routes (addresses changed in LOCAL_OUT) and fragments what does not fit
-            return Decision(NF_ACCEPT, out, _NO_ACTIONS, "protected", policy.name, sa.name)
+        # Sent from our raw socket, routed by the kernel for the outer destination. Not handed
+        # back as the verdict's payload: the kernel would check it against the path-MTU cache of
+        # the inner destination (the same host in transport mode), which our own ICMP lowered.
         frags = self._fragment(out, sa.family, mtu)
         return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name)
 

@@ -33,8 +33,8 @@ class ReplayWindow:
     """Sliding window of accepted sequence numbers for one inbound SA.
 
     ``size`` 0 disables replay protection (every packet is accepted, duplicates and 0 included:
-    RFC 4303 §3.4.3 "no inbound checks", as ``replay-window 0`` does in Linux); ESN needs a window (Linux refuses ESN without one,
-    and the inference of the high bits is defined relative to the window).
+    RFC 4303 §3.4.3 "no inbound checks", as ``replay-window 0`` does in Linux). ESN needs a
+    window (Linux refuses ESN without one, and A2.2 infers the high bits relative to it).
     ``initial`` is the starting top: sequence numbers in (initial - size, initial] are still
     accepted once (the bitmap starts empty, as in Linux when the state is installed with a
     given ``seq``), the peer's first packet is expected to carry ``initial + 1``.

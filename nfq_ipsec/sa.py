@@ -7,10 +7,12 @@ encapsulate/decapsulate functions) is built there too.
 
 Lifetimes (RFC 4301 §4.4.2.1) count, like Linux's ``curlft``, packets and bytes processed
 successfully. The byte count is the length of the *cleartext* IP packet: what goes into
-``protect()`` and what comes out of ``unprotect()`` (in tunnel mode exactly the inner packet
-Linux counts; in transport mode it includes the IP header). Time limits run from creation on
-the injected clock. A limit is checked right after the packet that reaches it, so the event
-fires at the packet that crosses it; a hard limit of N lets exactly N packets through.
+``protect()`` and what comes out of ``unprotect()``, the same in both directions. In tunnel
+mode that is the inner packet, as Linux counts it inbound after decryption (its outbound count
+also includes the outer headers already pushed, so it runs a little higher); in transport mode
+it includes the IP header. Time limits run from creation on the injected clock. A volume
+limit is checked right after the packet that reaches it, so its event fires at that packet;
+a hard limit of N lets exactly N packets through.
 Soft expiry makes the SA "dying" (still usable, a rekey is due) and fires one "soft-expire"
 event; hard expiry makes it "dead" for both directions and fires one "hard-expire" event.
 """
@@ -297,7 +299,7 @@ class SecurityAssociation:
         self.aead = aead
         self.enc = enc
         self.auth = auth
-        self.icv_len = getattr(self.transform, "icv_len", icv_len)
+        self.icv_len = self.transform.icv_len
 
         self.replay = ReplayWindow(replay_window, esn=esn, initial=seq_start)
         self._seq_out = seq_start

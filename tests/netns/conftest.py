@@ -116,9 +116,12 @@ class Capture:
         self.err.close()
 
     def packets(self) -> list:  # type: ignore[type-arg]
+        import scapy.all  # noqa: F401  (registers the Ethernet/IP dissectors)
         from scapy.utils import rdpcap
 
-        return list(rdpcap(str(self.path)))
+        pkts = list(rdpcap(str(self.path)))
+        assert all(p.name != "Raw" for p in pkts[:5]), "capture not dissected"
+        return pkts
 
 
 @pytest.fixture

@@ -93,6 +93,30 @@ def test_large_jumps(size: int) -> None:
         assert w.seen(s) == (s == top + size)  # cleared words / shifted-out bits
 
 
+@pytest.mark.parametrize("size", [SHIFT_MAX + 1, 300, 1000])
+def test_ring_reuse_clears_stale_words(size: int) -> None:
+    """Dense traffic fills every ring word; jumps of 0..n+1 words must never resurrect old bits."""
+    w = ReplayWindow(size)
+    accepted: set[int] = set()
+    seq = 0
+    for _ in range(3 * size):
+        seq += 1
+        accepted.add(accept(w, seq))
+    nwords = 1
+    while nwords < (size + 63) // 64 + 1:
+        nwords *= 2
+    for words in range(nwords + 2):
+        for _ in range(size):  # refill densely so every word holds bits again
+            seq += 1
+            accepted.add(accept(w, seq))
+        seq += words * 64 + 5
+        accepted.add(accept(w, seq))
+        for s in range(seq - size + 1, seq + 1):
+            assert w.seen(s) == (s in accepted), (words, s)
+            if s not in accepted:
+                assert w.check(s) == s
+
+
 def test_no_esn_window_never_wraps() -> None:
     w = ReplayWindow(64, initial=M32 - 3)
     assert accept(w, M32 - 1) == M32 - 1

@@ -142,7 +142,7 @@ nets6 = st.builds(
 )
 def test_matches_agrees_with_ipaddress_reference(data: st.DataObject, v6: bool, proto: int | None,
                                                   use_src: bool, use_dst: bool) -> None:
-    nets = nets6 if v6 else nets4
+    nets: st.SearchStrategy[ipaddress.IPv4Network | ipaddress.IPv6Network] = nets6 if v6 else nets4
     src = data.draw(nets) if use_src else None
     dst = data.draw(nets) if use_dst else None
     if proto == 1 and v6:

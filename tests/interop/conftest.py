@@ -1,0 +1,144 @@
+"""Fixtures for interoperability tests against the Linux kernel's IPsec, running in user-mode-linux.
+
+One UML kernel is booted per test session (about 2 s) and shared by every cell: before each cell,
+its SAs and policies are replaced (`ip xfrm policy/state flush`, then the cell's lines), and our
+engine is started in the namespace with the cell's TOML. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfq_ipsec.netns import EngineProcess, Namespace, Topology
+
+from .cells import OURS_INNER4, OURS_INNER6, UML_INNER4, UML_INNER6, UML_LINK4, UML_LINK6, Keyed
+from .umlpeer import UmlPeer, uml_missing_reason
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/interop" in str(item.fspath):
+            item.add_marker(pytest.mark.interop)
+
+
+class Bed:
+    """Our namespace (tap + addresses) and the UML kernel on the other end of the tap."""
+
+    def __init__(self, topo: Topology, tmp: Path) -> None:
+        self.topo, self.tmp = topo, tmp
+        self.ns: Namespace = topo.add("o")
+        self.tap = f"nfqi{topo.tag}"
+        ns = self.ns
+        ns.run(["ip", "tuntap", "add", self.tap, "mode", "tap"])
+        ns.sysctl(f"net.ipv6.conf.{self.tap}.accept_dad", "0")
+        ns.sysctl(f"net.ipv6.conf.{self.tap}.accept_ra", "0")
+        ns.run(["ip", "link", "set", self.tap, "up"])
+        ns.run(["ip", "addr", "add", "198.51.100.1/24", "dev", self.tap])
+        ns.run(["ip", "-6", "addr", "add", "2001:db8:100::1/64", "dev", self.tap, "nodad"])
+        ns.run(["ip", "addr", "add", f"{OURS_INNER4}/32", "dev", "lo"])
+        ns.run(["ip", "-6", "addr", "add", f"{OURS_INNER6}/128", "dev", "lo"])
+        ns.run(["ip", "route", "add", f"{UML_INNER4}/32", "via", UML_LINK4, "src", OURS_INNER4])
+        ns.run(["ip", "-6", "route", "add", f"{UML_INNER6}/128", "via", UML_LINK6, "src", OURS_INNER6])
+        self.uml = UmlPeer(ns, self.tap, tmp / "uml")
+        self.uml.start()
+        self._engine: EngineProcess | None = None
+        self._n = 0
+
+    def start_engine(self, keyed: Keyed) -> EngineProcess:
+        """Configure both sides for one cell: kernel SAs/policies, then our engine with the mirror TOML."""
+        self.stop_engine()
+        self._n += 1
+        self.uml.xfrm_apply(keyed.kernel_batch())
+        conf = self.tmp / f"cell{self._n}-{keyed.cell.name}.toml"
+        conf.write_text(keyed.our_toml())
+        conf.chmod(0o600)
+        self._engine = EngineProcess(self.ns, str(conf), str(self.tmp / f"e{self._n}.sock"),
+                                     str(self.tmp / f"cell{self._n}-{keyed.cell.name}.log"))
+        self._engine.wait_ready()
+        return self._engine
+
+    def stop_engine(self) -> str:
+        """Stop the engine; returns everything it printed. Raises if it did not exit cleanly."""
+        e, self._engine = self._engine, None
+        if e is None:
+            return ""
+        rc = e.stop()
+        out = e.output()
+        if rc != 0 or "Traceback" in out:
+            raise AssertionError(f"engine exited {rc}:\n{out[-3000:]}")
+        return out
+
+    def destroy(self) -> None:
+        try:
+            if self._engine is not None:
+                self._engine.stop()
+        finally:
+            try:
+                self.uml.stop()
+            finally:
+                self.topo.destroy()
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    reason = uml_missing_reason()
+    if reason:
+        pytest.skip(f"no Linux kernel IPsec peer: {reason}")
+    topo = Topology("nfi")
+    try:
+        b = Bed(topo, tmp_path_factory.mktemp("interop"))
+    except BaseException:
+        topo.destroy()
+        raise
+    try:
+        yield b
+    finally:
+        b.destroy()
+
+
+class Capture:
+    """tcpdump on the tap, for the duration of a `with` block; frames via `frames()`."""
+
+    def __init__(self, ns: Namespace, ifname: str, path: Path) -> None:
+        self.ns, self.ifname, self.path = ns, ifname, path
+
+    def __enter__(self) -> Capture:
+        self.err_path = Path(str(self.path) + ".err")
+        with open(self.err_path, "wb") as err:
+            self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "-s", "0", "-w", str(self.path)],
+                                      stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 5
+        while b"listening on" not in self.err_path.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def frames(self) -> list[bytes]:
+        from scapy.utils import RawPcapReader
+
+        if not self.path.exists() or os.path.getsize(self.path) == 0:
+            return []
+        return [bytes(data) for data, _meta in RawPcapReader(str(self.path))]
+
+
+@pytest.fixture
+def capture(bed: Bed, tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(name: str = "tap") -> Capture:
+        return Capture(bed.ns, bed.tap, tmp_path / f"{name}.pcap")
+
+    return make

@@ -324,7 +324,7 @@ def _zero_mutable(pkt: bytearray, header_end: int, icv_len: int, counter: str) -
     """Zero, in place, what RFC 4302 §3.3.3.1 excludes from the ICV: the mutable fields of the headers
     before the AH at `header_end`, and the AH's ICV (its alignment padding stays, as Linux does)."""
     icv_at = header_end + AH_FIXED_LEN
-    pkt[icv_at:icv_at + icv_len + 4] = bytes(icv_len + 4)
+    pkt[icv_at:icv_at + icv_len] = bytes(icv_len)
     if pkt[0] >> 4 == 4:
         _zero_mutable_v4(pkt, header_end, counter)
     else:

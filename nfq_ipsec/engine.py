@@ -52,7 +52,8 @@ class Engine:
             self.sad.add(sa)
         for pol in config.policies:
             self.spd.add(pol)
-        self.audit = AuditLog(lambda line: log.warning("%s", line), rate=float(getattr(self.settings, "audit_rate", 5.0)))
+        self.audit = AuditLog(lambda line: log.warning("%s", line), rate=float(self.settings.audit_rate),
+                              burst=int(self.settings.audit_burst))
         self._icmp_limiter = RateLimiter(float(self.settings.icmp_rate), int(self.settings.icmp_burst))
         self.path_mtu = PathMtu()
         self.local = LocalAddresses()
@@ -171,8 +172,15 @@ class Engine:
             sel.register(self.control.fileno(), selectors.EVENT_READ, self.control)
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         cb = self._on_packet
+        next_poll = 0.0
         try:
             while not self._stop:
+                now = time.monotonic()
+                if now >= next_poll:
+                    # time-based lifetimes expire even when no packet uses the SA
+                    for sa in self.sad.list():
+                        sa.poll_expiry()
+                    next_poll = now + 0.5
                 for key, _ in sel.select(timeout=0.5):
                     obj = key.data
                     if obj is self.control:

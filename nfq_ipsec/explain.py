@@ -12,6 +12,7 @@ from .flow import NO_PORT, FlowKey
 
 if TYPE_CHECKING:
     from .pipeline import Decision
+    from .sad import Sad
     from .spd import Spd
 
 PROTO_NAMES = {"any": None, "icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "ipv6-icmp": 58,
@@ -50,8 +51,20 @@ def flow_from_request(req: dict[str, Any]) -> FlowKey:
                    num("icmp_code"))
 
 
-def explain_flow(spd: Spd, req: dict[str, Any]) -> dict[str, Any]:
-    """For each direction asked: the policy that matches, its verdict, and why each earlier one did not."""
+def _sa_detail(sad: Sad | None, name: str | None) -> dict[str, Any] | None:
+    """What the SA a protect verdict uses looks like (never its keys); None when unknown."""
+    sa = sad.get(name) if sad is not None and name else None
+    if sa is None:
+        return None
+    return {"proto": sa.proto, "mode": sa.mode, "src": str(sa.src), "dst": str(sa.dst), "spi": f"0x{sa.spi:08x}",
+            "algorithm": sa.aead or f"{sa.enc}+{sa.auth}" if sa.proto == "esp" else sa.auth, "state": sa.state}
+
+
+def explain_flow(spd: Spd, req: dict[str, Any], sad: Sad | None = None) -> dict[str, Any]:
+    """For each direction asked: the policy that matches, its verdict, and why each earlier one did not.
+
+    With ``sad`` the SA of a protect verdict is described too (``sa_detail``).
+    """
     from .spd import Action, Direction
 
     flow = flow_from_request(req)
@@ -75,6 +88,9 @@ def explain_flow(spd: Spd, req: dict[str, Any]) -> dict[str, Any]:
             "verdict": verdict if match is not None else f"{verdict} (no policy matches: default_policy)",
             "not_matching": skipped,
         }
+        detail = _sa_detail(sad, match.sa if match is not None else None)
+        if detail is not None:
+            result[d.value]["sa_detail"] = detail
     return result
 
 
@@ -89,6 +105,10 @@ def format_explain(res: dict[str, Any]) -> str:
         else:
             head += r["verdict"]
         lines.append(head)
+        sd = r.get("sa_detail")
+        if sd:
+            lines.append(f"    SA {r['sa']}: {sd['proto']} {sd['mode']} {sd['src']} -> {sd['dst']}, spi {sd['spi']}, "
+                         f"{sd['algorithm']}, {sd['state']}")
         for s in r["not_matching"]:
             lines.append(f"    skipped {s['policy']} (priority {s['priority']}): {s['why']}")
     return "\n".join(lines)

@@ -158,7 +158,8 @@ def caveats(sa: Mapping[str, Any], record: EspSaRecord) -> list[str]:
     return notes
 
 
-def records(sas: Iterable[Mapping[str, Any]], *, chacha20: bool = False) -> tuple[list[EspSaRecord], list[str]]:
+def records(sas: Iterable[Mapping[str, Any]], *, chacha20: bool = False
+            ) -> tuple[list[EspSaRecord], list[str]]:
     """esp_sa records for every SA Wireshark can decrypt, and notes on the others."""
     out: list[EspSaRecord] = []
     notes: list[str] = []

@@ -206,6 +206,8 @@ class Keyed:
                 opts += f" {seq_kw} 0x{c.seq_start & 0xFFFFFFFF:x}"
                 if c.esn:
                     opts += f" {seq_kw}-hi 0x{c.seq_start >> 32:x}"
+            if c.inner_family != c.outer:  # the state's selector family is the inner one (else: outer's)
+                opts += " sel src ::/0 dst ::/0" if c.inner_family == 6 else " sel src 0.0.0.0/0 dst 0.0.0.0/0"
             lines.append(f"xfrm state add src {src} dst {dst} proto {c.proto} spi 0x{sk.spi:08x} reqid {reqid} "
                          f"mode {c.mode} {opts} {self._kernel_algo(sk)}")
         if c.outer == 6 and c.mode == "transport":

@@ -112,7 +112,8 @@ class Capture:
     def __enter__(self) -> Capture:
         self.err_path = Path(str(self.path) + ".err")
         with open(self.err_path, "wb") as err:
-            self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "-s", "0", "-w", str(self.path)],
+            self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0",
+                                       "-w", str(self.path)],
                                       stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 5
         while b"listening on" not in self.err_path.read_bytes() and time.monotonic() < deadline:

@@ -73,7 +73,8 @@ def test_kernel_esp_decrypts_with_scapy_and_accepts_scapy_esp(bed: Bed, capture,
         time.sleep(0.5)
     frames = cap.frames()
     sa_k2o = keyed.scapy_sa("k2o")
-    from_kernel = [sa_k2o.decrypt(p) for p in _protected(keyed, frames, keyed.k2o.spi)]
+    inner_l3 = IPv6 if v6 else IP
+    from_kernel = [inner_l3(bytes(sa_k2o.decrypt(p))) for p in _protected(keyed, frames, keyed.k2o.spi)]
     kinds = []
     for inner in from_kernel:
         if v6:

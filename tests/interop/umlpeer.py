@@ -347,7 +347,7 @@ def parse_xfrm_state(text: str) -> dict[int, KernelSa]:
             m = re.search(r"replay-window (\d+) replay (\d+) failed (\d+)", s)
             if m:
                 cur.replay_window_drops, cur.replay, cur.integrity_failed = map(int, m.groups())
-        elif s.startswith("anti-replay"):
+        elif " oseq " in s:  # "anti-replay context: seq 0x.., oseq 0x.." or the ESN context's second line
             for key in ("seq-hi", "oseq-hi", "seq", "oseq"):
                 m = re.search(rf"(?<![-\w]){key} (0x[0-9a-f]+)", s)
                 if m:

@@ -62,7 +62,8 @@ def make_plan(*policies: Policy, sad: FakeSad | None = None, default: dict[Direc
     for p in policies:
         spd.add(p)
     multi = settings.get("workers", 1) > 1
-    return hooks.plan(Settings(**settings), spd, sad or FakeSad(), lambda sa: int(multi and sa.startswith("in")))
+    return hooks.plan(Settings(**settings), spd, sad or FakeSad(),
+                      lambda sa: int(multi and sa.startswith("in")))
 
 
 def pol(name: str, direction: str, action: str = "bypass", sa: str | None = None, **sel: Any) -> Policy:
@@ -217,10 +218,10 @@ def test_failed_install_leaves_previous_state(topo: Topology, tmp_path: Path) ->
     good = make_plan(*SAMPLE_POLICIES, sad=SAMPLE_SAS)
     # the kernel refuses this one only at the IPv6 commit (MASQUERADE is nat-only): IPv4 has
     # been committed by then and must be put back
-    late = HookPlan(good.rules + (Rule(6, "NFQIPSEC-OUT", target="MASQUERADE"),), good.chains, good.jumps)
+    late = HookPlan((*good.rules, Rule(6, "NFQIPSEC-OUT", target="MASQUERADE")), good.chains, good.jumps)
     # and this one fails while building the IPv4 table, before any commit
-    early = HookPlan(good.rules + (Rule(4, "NFQIPSEC-OUT", proto=6, matches=(MatchSpec("tcp", (("nope", "1"),)),),
-                                        target="RETURN"),), good.chains, good.jumps)
+    bad_option = Rule(4, "NFQIPSEC-OUT", proto=6, matches=(MatchSpec("tcp", (("nope", "1"),)),), target="RETURN")
+    early = HookPlan((*good.rules, bad_option), good.chains, good.jumps)
     for bad in (late, early):
         r = install(ns, bad, tmp_path, check=False)
         assert r.returncode == 1 and "installing the iptables hooks failed" in r.stderr
@@ -279,27 +280,8 @@ def test_matching_packets_are_queued_others_pass(topo: Topology, tmp_path: Path)
 
     hooks_cli(b, "remove")
     install(b, make_plan(*policies, default={Direction.OUT: Action.DISCARD}), tmp_path)
-    res = ping(b, A6, count=1, timeout=1)
-    if res.returncode == 0:  # DEBUG
-        dbg = [b.run("ip6tables-legacy-save -c").stdout]
-        import time as _t
-        cap = b.popen(["tcpdump", "-i", "any", "-n", "-l", "-e", "-c", "6"], stdout=subprocess.PIPE,
-                      stderr=subprocess.DEVNULL, text=True)
-        _t.sleep(1)
-        dbg.append(str(ping(b, A6, count=1, timeout=1)))
-        dbg.append(b.run("ip -6 neigh").stdout)
-        dbg.append(b.run("ip -6 route show cache").stdout)
-        dbg.append(b.run("ss -aw").stdout)
-        _t.sleep(0.5)
-        cap.terminate()
-        dbg.append(cap.communicate()[0])
-        for _ in range(2):
-            dbg.append(str(ping(b, A6, count=1, timeout=1)))
-            dbg.append(b.run("ip6tables-legacy-save -c").stdout)
-        dbg.append(b.run("ip6tables-legacy -S -v").stdout)
-        dbg.append(b.run("cat /proc/net/ip6_tables_names /proc/net/ip_tables_names").stdout)
-        dbg.append(b.run("ls -la /proc/self/ns/").stdout)
-        raise AssertionError("\n".join(dbg))
+    res = ping(b, A6, count=1, timeout=1)  # catch-all in OUT: everything queued, so dropped
+    assert res.returncode != 0, res.stdout + b.run(["ip6tables-legacy-save", "-c"]).stdout
     assert ping(b, "127.0.0.1", count=1).returncode == 0  # ... except loopback
     hooks_cli(b, "remove")
     assert ping(a, B4, count=1).returncode == 0

@@ -211,6 +211,34 @@ def sa_list(config_path: str | None, socket_path: str | None, as_json: bool) -> 
     click.echo(table(["name", "proto", "mode", "endpoints", "spi", "state", "packets", "bytes"], rows))
 
 
+@sa_group.command("add")
+@_with_engine_opts
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+def sa_add(config_path: str | None, socket_path: str | None, file: str) -> None:
+    """Add the [[sa]] (and [[policy]]) tables of FILE to the running engine, all or nothing.
+
+    FILE uses the configuration syntax; keys are read here and sent over the root-only
+    control socket, never echoed back."""
+    _add_file(config_path, socket_path, file, "sa-add")
+
+
+@sa_group.command("remove")
+@_with_engine_opts
+@click.argument("name")
+def sa_remove(config_path: str | None, socket_path: str | None, name: str) -> None:
+    """Remove an SA from the running engine (refused while a policy uses it)."""
+    _call(config_path, socket_path, "sa-remove", name=name)
+    click.echo(f"removed SA {name}")
+
+
+def _add_file(config_path: str | None, socket_path: str | None, file: str, cmd: str) -> None:
+    from pathlib import Path
+
+    text = Path(file).read_text()
+    reply = _call(config_path, socket_path, cmd, toml=text, base_dir=str(Path(file).resolve().parent), source=file)
+    click.echo("added " + ", ".join(reply.get("added", [])))
+
+
 @main.group("policy")
 def policy_group() -> None:
     """Security policies of the running engine."""
@@ -228,8 +256,25 @@ def policy_list(config_path: str | None, socket_path: str | None, as_json: bool)
     from .render import table
 
     rows = [[p["name"], p["dir"], p["priority"], p["src"], p["dst"], p["proto"], p["action"], p["sa"] or "-",
-             p["counters"].get("packets")] for p in pols]
+             (p.get("counters") or {}).get("packets")] for p in pols]
     click.echo(table(["name", "dir", "prio", "src", "dst", "proto", "action", "sa", "packets"], rows))
+
+
+@policy_group.command("add")
+@_with_engine_opts
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+def policy_add(config_path: str | None, socket_path: str | None, file: str) -> None:
+    """Add the [[policy]] tables of FILE to the running engine (hooks are updated)."""
+    _add_file(config_path, socket_path, file, "policy-add")
+
+
+@policy_group.command("remove")
+@_with_engine_opts
+@click.argument("name")
+def policy_remove(config_path: str | None, socket_path: str | None, name: str) -> None:
+    """Remove a policy from the running engine (hooks are updated)."""
+    _call(config_path, socket_path, "policy-remove", name=name)
+    click.echo(f"removed policy {name}")
 
 
 @main.command()

@@ -201,7 +201,7 @@ def handle_command(engine: Engine, req: dict[str, Any], client: ClientConn | Non
         engine.install_hooks()
         return {"removed": name}
     if cmd in ("sa-add", "policy-add"):
-        return _add(engine, cmd, _str_arg(req, "toml"))
+        return _add(engine, cmd, _str_arg(req, "toml"), str(req.get("source") or "<control>"), req.get("base_dir"))
     if cmd == "explain":
         return {"explain": explain(engine.spd, req)}
     if cmd == "trace":
@@ -221,12 +221,14 @@ def _str_arg(req: dict[str, Any], key: str) -> str:
     return v
 
 
-def _add(engine: Engine, cmd: str, text: str) -> dict[str, Any]:
+def _add(engine: Engine, cmd: str, text: str, source: str = "<control>", base_dir: Any = None) -> dict[str, Any]:
     from .config import parse_fragment
     from .errors import ConfigError
 
     try:
-        sas, policies = parse_fragment(text, known_sas={sa.name for sa in engine.sad.list()})
+        sas, policies = parse_fragment(text, known_sas={sa.name: sa for sa in engine.sad.list()}, source=source,
+                                       known_policies={p.name for p in engine.spd.list()},
+                                       base_dir=base_dir if isinstance(base_dir, str) else None)
     except ConfigError as e:
         raise ControlError(str(e)) from None
     added: list[str] = []

@@ -40,7 +40,15 @@ class EngineError(Exception):
 
 
 class Engine:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, *, queue_nums: list[int] | None = None,
+                 manage_hooks: bool = True, worker_of: Any = None) -> None:
+        """queue_nums: the NFQUEUE numbers this process binds (default: all workers' queues).
+        manage_hooks: install/remove the iptables hooks (a supervisor of several worker
+        processes does it once for all of them). worker_of: SA name → worker index, used
+        to pin each SA's traffic to one queue (one sequence-number space per SA)."""
+        self.queue_nums = queue_nums
+        self.manage_hooks = manage_hooks
+        self.worker_of = worker_of
         self.config = config
         self.settings = config.engine
         self.config_path = config_path
@@ -90,20 +98,25 @@ class Engine:
             self.tun_ifindex = self.tun.ifindex
             from .nfqueue import NfQueue
 
-            for w in range(max(1, int(getattr(self.settings, "workers", 1)))):
-                qn = self.settings.queue_num + w
+            nums = self.queue_nums
+            if nums is None:
+                nums = [self.settings.queue_num + w for w in range(max(1, int(self.settings.workers)))]
+            for qn in nums:
                 try:
                     self.queues.append(NfQueue(qn, fail_open=self.settings.fail_open))
                 except OSError as e:
                     raise EngineError(f"cannot bind NFQUEUE {qn}: {e}") from None
             self.control = control.ControlServer(self.settings.control_socket, self)
-            self.install_hooks()
+            if self.manage_hooks:
+                self.install_hooks()
         except BaseException:
             self.shutdown()
             raise
 
     def install_hooks(self) -> None:
-        plan = hooks.plan(self.settings, self.spd, self.sad)
+        if not self.manage_hooks:
+            return
+        plan = hooks.plan(self.settings, self.spd, self.sad, self.worker_of or (lambda sa: 0))
         hooks.install(plan)
         self._hooks_installed = True
 

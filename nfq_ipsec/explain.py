@@ -56,8 +56,9 @@ def _sa_detail(sad: Sad | None, name: str | None) -> dict[str, Any] | None:
     sa = sad.get(name) if sad is not None and name else None
     if sa is None:
         return None
-    return {"proto": sa.proto, "mode": sa.mode, "src": str(sa.src), "dst": str(sa.dst), "spi": f"0x{sa.spi:08x}",
-            "algorithm": sa.aead or f"{sa.enc}+{sa.auth}" if sa.proto == "esp" else sa.auth, "state": sa.state}
+    algorithm = (sa.aead or f"{sa.enc}+{sa.auth}") if sa.proto == "esp" else sa.auth
+    return {"proto": sa.proto, "mode": sa.mode, "src": str(sa.src), "dst": str(sa.dst),
+            "spi": f"0x{sa.spi:08x}", "algorithm": algorithm, "state": sa.state}
 
 
 def explain_flow(spd: Spd, req: dict[str, Any], sad: Sad | None = None) -> dict[str, Any]:
@@ -79,7 +80,8 @@ def explain_flow(spd: Spd, req: dict[str, Any], sad: Sad | None = None) -> dict[
                 break
             skipped.append({"policy": pol.name, "priority": pol.priority, "why": why})
         action = match.action if match is not None else spd.default_action(d)
-        verdict = {Action.PROTECT: "protect", Action.BYPASS: "bypass (accept as is)", Action.DISCARD: "discard"}[action]
+        verdict = {Action.PROTECT: "protect", Action.BYPASS: "bypass (accept as is)",
+                   Action.DISCARD: "discard"}[action]
         result[d.value] = {
             "policy": match.name if match is not None else None,
             "priority": match.priority if match is not None else None,
@@ -107,8 +109,8 @@ def format_explain(res: dict[str, Any]) -> str:
         lines.append(head)
         sd = r.get("sa_detail")
         if sd:
-            lines.append(f"    SA {r['sa']}: {sd['proto']} {sd['mode']} {sd['src']} -> {sd['dst']}, spi {sd['spi']}, "
-                         f"{sd['algorithm']}, {sd['state']}")
+            lines.append(f"    SA {r['sa']}: {sd['proto']} {sd['mode']} {sd['src']} -> {sd['dst']}, "
+                         f"spi {sd['spi']}, {sd['algorithm']}, {sd['state']}")
         for s in r["not_matching"]:
             lines.append(f"    skipped {s['policy']} (priority {s['priority']}): {s['why']}")
     return "\n".join(lines)

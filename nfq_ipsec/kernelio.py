@@ -25,6 +25,7 @@ IPV6_PMTUDISC_PROBE = 3
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 
 
 class TunDevice:
@@ -40,7 +41,8 @@ class TunDevice:
         self.name = name
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
         try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+            # multi-queue: several worker processes each attach their own queue to one device
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             for key, value in (
                 (f"net.ipv4.conf.{name}.rp_filter", "0"),

@@ -83,6 +83,9 @@ class Cell:
     seq_start: int = 0
     replay_window: int = 32
     traffic: frozenset[str] = frozenset({"ping", "udp"})
+    # Linux pads IPv4 AH to 8 bytes and insists on it on input unless the SA has `flag align4`
+    # (RFC 4302 §2.6 asks for 4); we keep the RFC behaviour unless a cell says otherwise
+    ah_align4: bool = True
 
     def __post_init__(self) -> None:
         if self.alg not in ALGS:
@@ -200,8 +203,9 @@ class Keyed:
         for sk, src, dst, reqid, seq_kw in ((self.k2o, e.uml_outer, e.ours_outer, 1, "replay-oseq"),
                                             (self.o2k, e.ours_outer, e.uml_outer, 2, "replay-seq")):
             opts = f"replay-window {c.replay_window}"
-            if c.esn:
-                opts += " flag esn"
+            flags = (["esn"] if c.esn else []) + (["align4"] if c.proto == "ah" and c.outer == 4 and c.ah_align4 else [])
+            if flags:
+                opts += " flag " + " ".join(flags)
             if c.seq_start:
                 opts += f" {seq_kw} 0x{c.seq_start & 0xFFFFFFFF:x}"
                 if c.esn:

@@ -104,6 +104,7 @@ class Capture:
             if b"listening on" in self.err.read():
                 break
             time.sleep(0.05)
+        time.sleep(0.2)  # "listening" is printed a moment before the socket sees packets
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -220,7 +220,8 @@ def test_failed_install_leaves_previous_state(topo: Topology, tmp_path: Path) ->
     # been committed by then and must be put back
     late = HookPlan((*good.rules, Rule(6, "NFQIPSEC-OUT", target="MASQUERADE")), good.chains, good.jumps)
     # and this one fails while building the IPv4 table, before any commit
-    bad_option = Rule(4, "NFQIPSEC-OUT", proto=6, matches=(MatchSpec("tcp", (("nope", "1"),)),), target="RETURN")
+    bad_option = Rule(4, "NFQIPSEC-OUT", proto=6, matches=(MatchSpec("tcp", (("nope", "1"),)),),
+                      target="RETURN")
     early = HookPlan((*good.rules, bad_option), good.chains, good.jumps)
     for bad in (late, early):
         r = install(ns, bad, tmp_path, check=False)

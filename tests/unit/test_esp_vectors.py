@@ -251,6 +251,12 @@ RFC3602_KEY_56 = hx("90d382b4 10eeba7a d938c46c ec1a82bf")
 RFC3602_KEY_78 = hx("01234567 89abcdef 01234567 89abcdef")
 SHA1_KEY = bytes(range(0x61, 0x61 + 20))
 
+
+
+def cbc_sha1(key: bytes) -> dict[str, Any]:
+    return {"enc": "aes-cbc-128", "enc_key": key, "auth": "hmac-sha1-96", "auth_key": SHA1_KEY}
+
+
 # (case, key, mode, spi, seq, iv, payload or inner packet, next header, ESP packet without ICV)
 RFC3602 = [
     (5, RFC3602_KEY_56, "transport", 0x4321, 1, "e96e8c08 ab465763 fd098d45 dd3ff893",
@@ -285,9 +291,9 @@ RFC3602 = [
 
 @pytest.mark.parametrize("case", RFC3602, ids=[f"case{c[0]}" for c in RFC3602])
 def test_rfc3602_cbc_packets(case: tuple[Any, ...]) -> None:
-    number, key, mode, spi, seq, iv, data, next_header, esp_no_icv = case
+    _, key, mode, spi, seq, iv, data, next_header, esp_no_icv = case
     data, esp_no_icv = hx(data), hx(esp_no_icv)
-    sa_args: dict[str, Any] = {"enc": "aes-cbc-128", "enc_key": key, "auth": "hmac-sha1-96", "auth_key": SHA1_KEY}
+    sa_args = cbc_sha1(key)
     out = make_sa(mode, spi=spi, **sa_args)
     inbound = make_sa(mode, spi=spi, **sa_args)
     icv = hmac.new(SHA1_KEY, esp_no_icv, hashlib.sha1).digest()[:12]
@@ -310,8 +316,8 @@ def test_rfc3602_cbc_iv_handling_over_many_packets() -> None:
     Case 5 is encrypted, then unrelated traffic moves the contexts' chaining state on (both
     directions), then case 5 again: same bytes, and the receiver still decrypts it.
     """
-    number, key, mode, spi, seq, iv, data, next_header, esp_no_icv = RFC3602[0]
-    sa_args: dict[str, Any] = {"enc": "aes-cbc-128", "enc_key": key, "auth": "hmac-sha1-96", "auth_key": SHA1_KEY}
+    _, key, _, spi, seq, iv, data, next_header, esp_no_icv = RFC3602[0]
+    sa_args = cbc_sha1(key)
     out = make_sa(spi=spi, **sa_args)
     inbound = make_sa(spi=spi, **sa_args)
     clear = ipv4(next_header, hx(data), ident=0x08F2)

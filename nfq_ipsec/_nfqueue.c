@@ -311,11 +311,12 @@ typedef struct {
     int have_payload;
 } PacketMsg;
 
+/* Parse the attributes of a packet message, reading at most `avail` bytes of it. */
 static void
-parse_packet(const struct nlmsghdr *nlh, PacketMsg *pm)
+parse_packet(const struct nlmsghdr *nlh, size_t avail, PacketMsg *pm)
 {
     const char *p = (const char *)nlh + NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
-    const char *end = (const char *)nlh + nlh->nlmsg_len;
+    const char *end = (const char *)nlh + (nlh->nlmsg_len < avail ? nlh->nlmsg_len : avail);
 
     memset(pm, 0, sizeof(*pm));
     while (p + NLA_HDRLEN <= end) {
@@ -484,11 +485,10 @@ NfQueue_process(NfQueueObject *self, PyObject *const *args, Py_ssize_t nargs, Py
 
     while (handled < max_packets && !failed && !self->close_requested) {
         ssize_t n;
-        int rflags = MSG_DONTWAIT | MSG_TRUNC;
         int saved_errno;
 
         Py_BEGIN_ALLOW_THREADS
-        n = recv(self->fd, self->rbuf, RECV_BUF_SIZE, rflags);
+        n = recv(self->fd, self->rbuf, RECV_BUF_SIZE, MSG_DONTWAIT | MSG_TRUNC);
         Py_END_ALLOW_THREADS
         saved_errno = errno;
         if (n < 0) {
@@ -510,9 +510,26 @@ NfQueue_process(NfQueueObject *self, PyObject *const *args, Py_ssize_t nargs, Py
             failed = 1;
             break;
         }
-        if (n > RECV_BUF_SIZE) /* datagram larger than our buffer: parse what fits, the rest is lost */
-            n = RECV_BUF_SIZE;
+        if (n == 0)
+            break;
+        if (n > RECV_BUF_SIZE) {
+            /* Datagram larger than our buffer (cannot happen with today's attributes, but never
+             * leave a packet without a verdict): its attributes start with the packet header, so
+             * drop it by id as a truncated copy. */
+            PacketMsg pm;
+            const struct nlmsghdr *m = (const struct nlmsghdr *)self->rbuf;
 
+            if (m->nlmsg_type == PACKET_MSG_TYPE) {
+                parse_packet(m, RECV_BUF_SIZE, &pm);
+                if (pm.have_hdr) {
+                    self->packets++;
+                    self->truncated++;
+                    handled++;
+                    verdict_drop(self, pm.id);
+                }
+            }
+            continue;
+        }
         int remaining = (int)n;
         for (struct nlmsghdr *m = (struct nlmsghdr *)self->rbuf; mnl_nlmsg_ok(m, remaining);
              m = mnl_nlmsg_next(m, &remaining)) {
@@ -528,7 +545,7 @@ NfQueue_process(NfQueueObject *self, PyObject *const *args, Py_ssize_t nargs, Py
             }
             if (m->nlmsg_type != PACKET_MSG_TYPE)
                 continue;
-            parse_packet(m, &pm);
+            parse_packet(m, m->nlmsg_len, &pm);
             if (!pm.have_hdr)
                 continue;
             self->packets++;

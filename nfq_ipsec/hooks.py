@@ -47,7 +47,7 @@ HOOK_CHAINS = (("INPUT", "IN"), ("OUTPUT", "OUT"), ("FORWARD", "FWD"))
 PORT_MATCHES = {6: "tcp", 17: "udp", 33: "dccp", 132: "sctp"}  # UDP-Lite (136) has no port match
 MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
 MAX_COMMENT = 255  # XT_MAX_COMMENT_LEN - 1 (bytes)
-_IFNAME = re.compile(r"^[^\s/:!'\"]{1,15}$")  # IFNAMSIZ - 1, no characters iptables would mangle
+_IFNAME = re.compile(r"^[^\s/:!'\"+]{1,15}$")  # IFNAMSIZ - 1; no '+': an iptables wildcard
 
 
 class HookError(RuntimeError):
@@ -416,11 +416,12 @@ def plan(settings: HookSettings, spd: _Spd, sad: _Sad,
                 for sa in inbound_sas:
                     if _value(sa.proto) != proto_name or sa.dst.version != fam:
                         continue
+                    target, options = queue(worker_of(sa.name))
                     rules.append(Rule(
                         fam, c_in, dst=f"{sa.dst}/{host_len}", proto=proto_num,
                         matches=(MatchSpec(proto_name, ((f"{proto_name}spi", str(int(sa.spi))),)),
                                  _comment_match(SA_COMMENT_PREFIX + sa.name)),
-                        target=queue(worker_of(sa.name))[0], target_options=queue(worker_of(sa.name))[1]))
+                        target=target, target_options=options))
             # all IPsec to this host, whatever the SPI: SAD misses are counted by the engine
             rules.append(Rule(fam, c_in, proto=proto_num, target=queue(0)[0], target_options=queue(0)[1]))
         for p in by_dir["in"]:
@@ -669,6 +670,11 @@ def _apply(ipt: Any, family: int, hook_plan: HookPlan) -> _Snapshot:
     return snap
 
 
+def _describe(e: BaseException) -> str:
+    """python-iptables puts C strings in its messages as b'...': show them as text."""
+    return re.sub(r"""b(['"])(.*?)\1""", r"\2", str(e)) or type(e).__name__
+
+
 def install(hook_plan: HookPlan, attempts: int = 3) -> None:
     """Install (or replace) our chains and jumps in both families; idempotent.
 
@@ -677,6 +683,10 @@ def install(hook_plan: HookPlan, attempts: int = 3) -> None:
     committed, the first is put back as it was, so a failure leaves the previous state.
     A commit also fails when someone else changed the table meanwhile: that is retried.
     """
+    for rule in hook_plan.rules:  # never write into a chain remove() would not clean up
+        own = hook_plan.chains.get(rule.family, ())
+        if rule.chain not in own or not _is_ours(rule.chain, hook_plan.prefix):
+            raise HookError(f"rule for chain {rule.chain} (IPv{rule.family}) is not in the plan's own chains")
     ipt = _iptc()
     with _lock, _filter_table_only(ipt):
         done: list[tuple[int, _Snapshot]] = []
@@ -696,13 +706,13 @@ def install(hook_plan: HookPlan, attempts: int = 3) -> None:
                 try:
                     _restore(ipt, family, hook_plan.prefix, snap)
                 except Exception as re_err:  # report both; there is nothing better to do
-                    rollback_errors.append(f"IPv{family}: {re_err}")
+                    rollback_errors.append(f"IPv{family}: {_describe(re_err)}")
             for family in FAMILIES:  # discard whatever is pending in the handles
                 try:
                     _table(ipt, family)
                 except Exception:
                     pass
-            msg = f"installing the iptables hooks failed: {e}"
+            msg = f"installing the iptables hooks failed: {_describe(e)}"
             if rollback_errors:
                 msg += f"; rolling back also failed ({'; '.join(rollback_errors)})"
             raise HookError(msg) from e
@@ -722,7 +732,7 @@ def remove(prefix: str = DEFAULT_PREFIX) -> None:
                 if _strip(ipt, table, prefix):
                     table.commit()
             except ipt.IPTCError as e:
-                errors.append(f"IPv{family}: {e}")
+                errors.append(f"IPv{family}: {_describe(e)}")
                 try:
                     _table(ipt, family)
                 except Exception:
@@ -812,7 +822,7 @@ def status(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             try:
                 table = _table(ipt, family)
             except ipt.IPTCError as e:
-                fam["error"] = str(e)
+                fam["error"] = _describe(e)
                 installed = False
                 continue
             for name in _our_chains(table, prefix):

@@ -20,7 +20,7 @@ import pytest
 
 from nfq_ipsec import hooks
 from nfq_ipsec.hooks import HookPlan, MatchSpec, Rule
-from nfq_ipsec.netns import Namespace, Topology
+from nfq_ipsec.netns import Namespace, Topology, wait_link_ready
 from nfq_ipsec.spd import Action, Direction, Policy, Selector, Spd
 
 from .conftest import ROOT, ping
@@ -286,6 +286,32 @@ def test_matching_packets_are_queued_others_pass(topo: Topology, tmp_path: Path)
     assert ping(b, "127.0.0.1", count=1).returncode == 0  # ... except loopback
     hooks_cli(b, "remove")
     assert ping(a, B4, count=1).returncode == 0
+
+
+def test_loopback_exemption_is_only_lo(topo: Topology, tmp_path: Path) -> None:
+    """`-i lo` / `-o lo -j RETURN` must not match an interface whose name only looks like
+    "lo" bit by bit: python-iptables gives IPv6 rules a 0x01 interface mask, under which "no"
+    is "lo". The interface here is called "no" on purpose, so the test is deterministic."""
+    a, b = topo.add("a"), topo.add("b")
+    b.run(["ip", "link", "add", "name", "no", "type", "veth", "peer", "name", "on", "netns", a.name])
+    for ns, ifname, addrs in ((a, "on", (f"{A4}/24", f"{A6}/64")), (b, "no", (f"{B4}/24", f"{B6}/64"))):
+        ns.sysctl(f"net.ipv6.conf.{ifname}.accept_dad", "0")
+        for addr in addrs:
+            ns.run(["ip", "addr", "add", addr, "dev", ifname, *(["nodad"] if ":" in addr else [])])
+        ns.run(["ip", "link", "set", "dev", ifname, "up"])
+    for ns, ifname in ((a, "on"), (b, "no")):
+        wait_link_ready(ns, ifname)
+    assert ping(a, B6, count=1).returncode == 0 and ping(a, B4, count=1).returncode == 0
+    install(b, make_plan(default={Direction.IN: Action.DISCARD, Direction.OUT: Action.DISCARD}), tmp_path)
+    for ns, dst in ((b, A4), (b, A6), (a, B4), (a, B6)):  # all queued by the catch-alls, none exempt
+        assert ping(ns, dst, count=1, timeout=1).returncode != 0, f"{ns.name} -> {dst} was not queued"
+    for dst in ("127.0.0.1", "::1"):
+        assert ping(b, dst, count=1).returncode == 0  # real loopback is exempt
+    st = status(b)
+    for fam in (4, 6):
+        chains = st["families"][f"ipv{fam}"]["chains"]
+        assert next(r for r in chains["NFQIPSEC-OUT"] if r.get("default") == "out")["packets"] >= 1
+        assert next(r for r in chains["NFQIPSEC-IN"] if r.get("default") == "in")["packets"] >= 1
 
 
 def test_forward_sees_reassembled_packets(topo: Topology, tmp_path: Path) -> None:

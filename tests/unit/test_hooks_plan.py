@@ -455,3 +455,24 @@ def test_engine_settings_replace_still_plans() -> None:
     s = replace(EngineSettings(), workers=2, queue_num=3, fail_open=True)
     p = hooks.plan(s, make_spd(), FakeSad())
     assert chain(p, 4, "IN")[3] == "-p esp -j NFQUEUE --queue-num 3 --queue-bypass"
+
+
+def test_install_refuses_rules_outside_its_own_chains() -> None:
+    """Checked before python-iptables is even loaded: nothing is written."""
+    p = hooks.plan(FakeSettings(), make_spd(), FakeSad())
+    for stray in (Rule(4, "INPUT", target="ACCEPT"), Rule(6, "USERCHAIN", target="RETURN")):
+        with pytest.raises(hooks.HookError, match="not in the plan's own chains"):
+            hooks.install(HookPlan((*p.rules, stray), p.chains, p.jumps, p.prefix))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_interface_masks_cover_the_whole_name(family: int) -> None:
+    """python-iptables' Rule6 sets 0x01 interface masks (only bit 0 of each character is
+    compared: `-i lo` would match "no", "vX..." ...); _to_iptc must produce iptables' 0xff."""
+    pytest.importorskip("iptc")
+    ipt = hooks._iptc()  # building a rule in memory needs no root and touches no table
+    r = hooks._to_iptc(ipt, Rule(family, "X", in_iface="lo", out_iface="ppp+", target="RETURN"))
+    ip = r.get_ip()
+    assert bytes(ip.iniface_mask) == b"\xff" * 3  # "lo" and its NUL (trailing zeros not shown)
+    assert bytes(ip.outiface_mask) == b"\xff" * 3  # "ppp", no NUL: wildcard
+    assert (r.in_interface, r.out_interface) == ("lo", "ppp+")

@@ -147,8 +147,8 @@ EXPECTED_LINES = [
     f'"IPv4","203.0.113.1","203.0.113.2","0x00001006","AES-CBC [RFC3602]","0x{K["k16"]}",'
     f'"ANY 128 bit authentication [no checking]","0x{K["k64"]}"',
 ]
-CHACHA_LINE = (f'"IPv4","192.0.2.1","192.0.2.2","0x00001007","ChaCha20 with Poly1305 [RFC7634]","0x{K["k36"]}",'
-               '"NULL",""')
+CHACHA_LINE = ('"IPv4","192.0.2.1","192.0.2.2","0x00001007","ChaCha20 with Poly1305 [RFC7634]",'
+               f'"0x{K["k36"]}","NULL",""')
 
 
 @pytest.fixture

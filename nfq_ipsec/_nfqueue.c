@@ -12,9 +12,12 @@
  *     CHECKSUM_PARTIAL checksums before copying: the callback sees wire-valid packets.
  *
  * Hot path (process()): non-blocking recv() into a preallocated buffer with the GIL released,
- * attributes parsed in place, one bytes object for the payload, one vectorcall, and the
- * verdicts of one process() call batched into a single sendto() (netlink_rcv_skb() processes
- * every message of a datagram; an error on one is acked and the others still run).
+ * attributes parsed in place, one bytes object for the payload, one vectorcall, one sendto()
+ * for the verdict.  With batch_verdicts=True the verdicts of one process() call go out in a
+ * single sendto() at its end instead (netlink_rcv_skb() processes every message of a datagram;
+ * an error on one is acked and the others still run) -- faster, but a packet the callback
+ * accepts then leaves after anything the callback sent itself meanwhile (e.g. through a raw
+ * socket), which can reorder an SA's sequence numbers; hence off by default.
  *
  * Only libmnl (socket helpers) and the kernel uapi headers are needed.
  */
@@ -53,6 +56,7 @@ typedef struct {
     unsigned int seq;
     int in_process;
     int close_requested;
+    int batch_verdicts;
     char *rbuf;
     char *sbuf;
     size_t sbuf_used;
@@ -207,7 +211,7 @@ set_bufsize(int fd, int force_opt, int opt, int size)
 static int
 NfQueue_init(NfQueueObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"queue_num", "maxlen", "fail_open", "rcvbuf", NULL};
+    static char *kwlist[] = {"queue_num", "maxlen", "fail_open", "rcvbuf", "batch_verdicts", NULL};
     unsigned int queue_num;
     unsigned int maxlen = 8192;
     int fail_open = 0;
@@ -216,8 +220,10 @@ NfQueue_init(NfQueueObject *self, PyObject *args, PyObject *kwds)
     struct nlmsghdr *nlh;
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|$Ipi:NfQueue", kwlist, &queue_num, &maxlen, &fail_open,
-                                     &rcvbuf))
+    int batch_verdicts = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "I|$Ipip:NfQueue", kwlist, &queue_num, &maxlen, &fail_open,
+                                     &rcvbuf, &batch_verdicts))
         return -1;
     if (self->nl != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "NfQueue is already initialised");
@@ -235,6 +241,7 @@ NfQueue_init(NfQueueObject *self, PyObject *args, PyObject *kwds)
         rcvbuf = 262144;
 
     self->queue_num = queue_num;
+    self->batch_verdicts = batch_verdicts;
     self->rbuf = PyMem_Malloc(RECV_BUF_SIZE);
     self->sbuf = PyMem_Malloc(SEND_BUF_SIZE);
     if (self->rbuf == NULL || self->sbuf == NULL) {
@@ -583,6 +590,8 @@ NfQueue_process(NfQueueObject *self, PyObject *const *args, Py_ssize_t nargs, Py
             }
             Py_XDECREF(res);
         }
+        if (!self->batch_verdicts)
+            flush_verdicts(self);
     }
     flush_verdicts(self);
     self->in_process = 0;
@@ -657,7 +666,8 @@ static PyTypeObject NfQueueType = {
     .tp_name = "nfq_ipsec._nfqueue.NfQueue",
     .tp_basicsize = sizeof(NfQueueObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "NfQueue(queue_num, *, maxlen=8192, fail_open=False, rcvbuf=8<<20): whole-packet NFQUEUE binding.",
+    .tp_doc = "NfQueue(queue_num, *, maxlen=8192, fail_open=False, rcvbuf=8<<20, batch_verdicts=False): "
+              "whole-packet NFQUEUE binding.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)NfQueue_init,
     .tp_dealloc = (destructor)NfQueue_dealloc,

@@ -121,7 +121,7 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
 
 def _esn_aad(esp_header: bytes, seq: int) -> bytes:
     """AEAD AAD with ESN (RFC 4106 §5): SPI | seq_hi | seq_lo."""
-    return b"".join((_pack_I(seq >> 32), esp_header[:4], esp_header[4:]))
+    return b"".join((esp_header[:4], _pack_I(seq >> 32), esp_header[4:]))
 
 
 def encapsulate_with_iv(sa: SecurityAssociation, packet: bytes | memoryview, seq: int, iv: bytes) -> bytes:

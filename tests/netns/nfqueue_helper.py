@@ -110,14 +110,15 @@ def handler(queue_num: int, mode: str, fail_open: bool, maxlen: int, rcvbuf: int
             raise RuntimeError("callback failure on purpose")
         if mode == "raise" and data.startswith(b"RET:"):  # malformed results: the binding must fail closed
             kind = data[4:data.index(b";")].decode()
-            return {  # type: ignore[no-any-return]
+            malformed: dict[str, Any] = {
                 "type": "accept",
                 "verdict": 7,
                 "tuple3": (NF_ACCEPT, payload, 0),
                 "short": (NF_ACCEPT, payload[:10]),
                 "toolong": (NF_ACCEPT, payload + bytes(65536 - len(payload))),
                 "notbytes": (NF_ACCEPT, 12),
-            }[kind]
+            }
+            return malformed[kind]  # type: ignore[no-any-return]
         if mode == "raise" and data.startswith(b"CLOSE;"):
             q.close()  # from inside the callback: takes effect when process() returns
             return NF_ACCEPT
@@ -168,10 +169,9 @@ def udp_sink(ports: list[int]) -> None:
     while True:
         readable, _, _ = select.select([s for s, _ in socks], [], [])
         for s in readable:
-            data, peer = s.recvfrom(65535)
-            port = s.getsockname()[1]
-            emit(port=port, len=len(data), tag=data[:16].decode("latin-1"), sha=hashlib.sha256(data).hexdigest(),
-                 family=6 if s.family == socket.AF_INET6 else 4)
+            data = s.recv(65535)
+            emit(port=s.getsockname()[1], len=len(data), tag=data[:16].decode("latin-1"),
+                 sha=hashlib.sha256(data).hexdigest(), family=6 if s.family == socket.AF_INET6 else 4)
 
 
 def udp_send(dst: str, port: int, size: int, seed: int, tag: str) -> None:

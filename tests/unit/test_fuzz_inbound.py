@@ -243,10 +243,10 @@ def _costs(process, batches: list[list[bytes]], rounds: int = 9) -> list[float]:
     best = [float("inf")] * len(batches)
     for _ in range(rounds):
         for i, pkts in enumerate(batches):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for p in pkts:
                 process(p)
-            best[i] = min(best[i], (time.perf_counter() - t0) / len(pkts))
+            best[i] = min(best[i], (time.thread_time() - t0) / len(pkts))
     return best
 
 
@@ -274,11 +274,15 @@ def test_rejecting_bad_packets_costs_no_more_than_accepting_good_ones(shape: int
         struct.pack_into("!I", b, 20, 0xDEAD0000)
         unknown.append(bytes(b))
     mixed = [x for triple in zip(good, bad_icv, unknown, strict=True) for x in triple]
+    t0 = time.monotonic()
     t_good, t_icv, t_spi, t_mixed = _costs(rx.process, [good, bad_icv, unknown, mixed])
-    assert t_icv < 1.6 * t_good, (t_icv, t_good)
-    assert t_spi < 2.0 * t_good, (t_spi, t_good)  # see the xfail test below: should be far less
-    assert 3 * t_mixed < 1.5 * (t_good + t_icv + t_spi), (t_mixed, t_good, t_icv, t_spi)
-    assert len(lines) <= 12, lines[:3]  # ~9,000 rejections: the burst of 10 lines, then summaries
+    elapsed = time.monotonic() - t0
+    # CPU time of this thread (steady on a busy machine); per-packet logging would cost several times more
+    assert t_icv < 1.5 * t_good, (t_icv, t_good)
+    assert t_spi < 1.5 * t_good, (t_spi, t_good)  # see the xfail test below: should be far less
+    assert 3 * t_mixed < 1.3 * (t_good + t_icv + t_spi), (t_mixed, t_good, t_icv, t_spi)
+    # ~9,000 rejections: the burst of 10 lines, then 5 a second, each after a summary line
+    assert len(lines) <= 10 + 2 * (5 * elapsed + 1), (len(lines), elapsed)
 
 
 @pytest.mark.xfail(strict=True, reason="pipeline.py builds each audit line (address formatting via ipaddress) "

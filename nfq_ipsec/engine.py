@@ -26,8 +26,8 @@ from .counters import Counters
 from .icmp import RateLimiter
 from .kernelio import LocalAddresses, PathMtu, RawSender, TunDevice
 from .pipeline import AuditLog, InjectTunnel, Pipeline, SendIcmp, SendPacket
-from .sad import Sad
 from .sa import SaEvent
+from .sad import Sad
 from .spd import Spd
 
 log = logging.getLogger("nfq_ipsec")

@@ -29,7 +29,8 @@ def is_documentation_address(addr: str) -> bool:
     return any(a.version == n.version and a in n for n in DOC_NETS)
 
 
-def run(cmd: Sequence[str] | str, check: bool = True, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(cmd: Sequence[str] | str, check: bool = True, timeout: float = 60,
+        **kw: object) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; raise with the output on failure."""
     args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
     p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
@@ -45,7 +46,8 @@ class Namespace:
     def cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
 
-    def run(self, cmd: Sequence[str] | str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, cmd: Sequence[str] | str, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
         args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
         return run(self.cmd(*args), check=check, timeout=timeout)
 
@@ -161,7 +163,7 @@ class EngineProcess:
         self.socket_path = socket_path
         self.log_path = log_path
         exe = os.path.join(os.path.dirname(sys.executable), "nfq-ipsec")
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "ab")
         self.proc = ns.popen([exe, "run", "-c", config, "--socket", socket_path, *extra_args],
                              stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -317,7 +317,8 @@ class Pipeline:
             return Decision(NF_DROP, None, _NO_ACTIONS, f"no SA {policy.sa!r}", policy.name)
         if sa.mode == "transport" and sa.family != info.version:
             self.counters.inc(C.XFRM_OUT_STATE_MODE_ERROR)
-            return Decision(NF_DROP, None, _NO_ACTIONS, "transport SA of the other address family", policy.name, sa.name)
+            return Decision(NF_DROP, None, _NO_ACTIONS, "transport SA of the other address family", policy.name,
+                            sa.name)
         out = sa.protect(pkt)
         policy.counters.account(len(pkt))
         mtu = self.path_mtu(sa.family, sa.dst_packed if sa.mode == "tunnel" else info.dst)

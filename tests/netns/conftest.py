@@ -95,7 +95,7 @@ class Capture:
         self.ns, self.ifname, self.path = ns, ifname, path
 
     def __enter__(self) -> Capture:
-        self.err = open(str(self.path) + ".err", "w+b")  # noqa: SIM115
+        self.err = open(str(self.path) + ".err", "w+b")
         self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "-s", "0", "-w", str(self.path)],
                                   stdout=subprocess.DEVNULL, stderr=self.err)
         deadline = time.monotonic() + 5

@@ -1,6 +1,6 @@
 """Processes run inside test namespaces by test_nfqueue.py (a netlink socket belongs to its netns).
 
-    handler QUEUE MODE [--fail-open] [--maxlen N] [--rcvbuf N]
+    handler QUEUE MODE [--fail-open] [--maxlen N] [--rcvbuf N] [--batch]
                                                      bind NfQueue, report each packet as a JSON line
     udp-sink PORT...                                 report each datagram received (v4 and v6)
     udp-send DST PORT SIZE SEED [TAG]                send one datagram of pattern(SIZE, SEED) (DF clear)
@@ -92,7 +92,7 @@ def rebuild_udp(pkt: bytes, new_data: bytes) -> bytes:
     return bytes(ip) + bytes(udp)
 
 
-def handler(queue_num: int, mode: str, fail_open: bool, maxlen: int, rcvbuf: int) -> None:
+def handler(queue_num: int, mode: str, fail_open: bool, maxlen: int, rcvbuf: int, batch: bool) -> None:
     from nfq_ipsec.nfqueue import NF_ACCEPT, NF_DROP, NfQueue, kernel_queue_stats
 
     def report_stats() -> None:
@@ -127,7 +127,7 @@ def handler(queue_num: int, mode: str, fail_open: bool, maxlen: int, rcvbuf: int
             return NF_ACCEPT, rebuild_udp(payload, pattern(new_len, 7))
         return NF_ACCEPT
 
-    q = NfQueue(queue_num, fail_open=fail_open, maxlen=maxlen, rcvbuf=rcvbuf)
+    q = NfQueue(queue_num, fail_open=fail_open, maxlen=maxlen, rcvbuf=rcvbuf, batch_verdicts=batch)
     emit(ready=True)
     poller = select.poll()
     if mode != "stall":
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
         fail_open = "--fail-open" in argv
         maxlen = int(argv[argv.index("--maxlen") + 1]) if "--maxlen" in argv else 8192
         rcvbuf = int(argv[argv.index("--rcvbuf") + 1]) if "--rcvbuf" in argv else 8 << 20
-        handler(int(argv[1]), argv[2], fail_open, maxlen, rcvbuf)
+        handler(int(argv[1]), argv[2], fail_open, maxlen, rcvbuf, "--batch" in argv)
     elif cmd == "udp-sink":
         udp_sink([int(p) for p in argv[1:]])
     elif cmd == "udp-send":

@@ -159,7 +159,8 @@ def seen(handler: Proc, tag: str, timeout: float = 5.0) -> dict[str, Any] | None
 
 
 @pytest.mark.parametrize(("dst", "total"), [(B4, 60028), (B6, 60048)])
-def test_output_sees_whole_60k_datagram(net: tuple[Namespace, Namespace, Proc], dst: str, total: int) -> None:
+def test_output_sees_whole_60k_datagram(net: tuple[Namespace, Namespace, Proc], dst: str,
+                                        total: int) -> None:
     a, _, sink = net
     tag = f"OUT{total};"
     with running(a, "handler", "0", "accept") as h:
@@ -207,10 +208,10 @@ def test_largest_copyable_packet_passes_and_larger_is_dropped_not_truncated(
         assert received(sink, too_big, timeout=0.5) is None, "a truncated copy was accepted"
 
 
-@pytest.mark.parametrize("dst", [B4, B6])
-def test_mangle_longer_and_shorter(net: tuple[Namespace, Namespace, Proc], dst: str) -> None:
+@pytest.mark.parametrize(("dst", "batch"), [(B4, False), (B6, False), (B4, True)])
+def test_mangle_longer_and_shorter(net: tuple[Namespace, Namespace, Proc], dst: str, batch: bool) -> None:
     a, _, sink = net
-    with running(a, "handler", "0", "mangle") as h:
+    with running(a, "handler", "0", "mangle", *(["--batch"] if batch else [])) as h:
         for new_len in (61000, 1000, 3):
             send(a, dst, 9000, 60000, f"MANGLE:{new_len};")
             got = received(sink, sha(pattern(new_len, 7)))
@@ -277,11 +278,14 @@ def test_fail_closed_without_listener_and_fail_open_when_queue_full(
         assert k["queue_total"] == 1 and k["queue_dropped"] == 0
 
 
-def test_output_tcp_segments_have_complete_checksums(net: tuple[Namespace, Namespace, Proc]) -> None:
-    """F_GSO stays clear: the kernel segments TSO skbs and completes CHECKSUM_PARTIAL before copying."""
+@pytest.mark.parametrize("batch", [False, True])
+def test_output_tcp_segments_have_complete_checksums(net: tuple[Namespace, Namespace, Proc], batch: bool) -> None:
+    """F_GSO stays clear: the kernel segments TSO skbs and completes CHECKSUM_PARTIAL before copying.
+    (With batch_verdicts, many verdicts share one netlink datagram here.)"""
     a, b, _ = net
     size = 2 << 20
-    with running(a, "handler", "0", "accept") as h, running(b, "tcp-sink", "9002") as tsink:
+    args = ["handler", "0", "accept", *(["--batch"] if batch else [])]
+    with running(a, *args) as h, running(b, "tcp-sink", "9002") as tsink:
         out = a.run([sys.executable, str(HELPER), "tcp-send", B4, "9002", str(size)], timeout=60)
         assert json.loads(out.stdout)["sent"] == size
         got = tsink.wait_for(lambda m: "len" in m)

@@ -151,7 +151,7 @@ def env():  # type: ignore[no-untyped-def]
 
 
 def test_output_protect_sends_esp_the_peer_can_open(env) -> None:  # type: ignore[no-untyped-def]
-    pipe, counters, _ = env
+    pipe, _counters, _ = env
     pkt = bytes(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=1, dport=2) / b"hello")
     d = pipe.process(HOOK_OUTPUT, pkt)
     assert d.verdict == NF_DROP and d.policy == "out-h" and d.sa == "a-b"
@@ -206,7 +206,7 @@ def test_tunnel_input_is_reinjected_after_fwd_policy_check(env) -> None:  # type
 
 
 def test_forward_protect_fragments_after_encryption(env) -> None:  # type: ignore[no-untyped-def]
-    pipe, counters, mtu = env
+    pipe, _counters, mtu = env
     mtu["value"] = 1000
     pkt = bytes(IP(src="192.0.2.10", dst="192.0.2.130", flags=0) / UDP() / (b"z" * 2500))
     d = pipe.process(HOOK_FORWARD, pkt)

@@ -15,7 +15,8 @@ STATS = {
                 "kernel": {"queue_dropped": 4, "user_dropped": 1}}],
 }
 
-SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\\\|\\"|\\n)*",?)*\})? -?[0-9.e+]+$')
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\\\|\\"|\\n)*",?'
+SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{(" + LABEL + r")*\})? -?[0-9.e+]+$")
 
 
 def test_prometheus_format_is_valid_and_complete() -> None:

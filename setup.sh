@@ -9,6 +9,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev libnfnetlink-dev libmnl-dev       # our NFQUEUE binding
   iptables iproute2 iputils-ping kmod tcpdump              # hooks (iptables-legacy), namespaces, captures
   user-mode-linux                                          # the Linux-kernel IPsec peer (interop tests)
+  tshark                                                   # an independent ESP dissector (tests, `keys --wireshark`)
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -23,6 +24,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup.sh: installing ${missing[*]}"
   apt-get update -qq
+  # tshark: do not ask whether non-root users may capture (keep the default: no)
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 

@@ -10,7 +10,9 @@ Each case is measured as *drains*: the handler binds but does not read while a b
 sends up to 50,000 small datagrams as fast as it can (the queue holds at most 65,536; queue
 length and socket buffers are sized to hold them all), then the handler is told to go and the
 time to handle them is measured; repeated until N packets. On a 2-core machine this isolates
-the binding's per-packet cost from the blaster's CPU use.
+the binding's per-packet cost from the blaster's CPU use. The handler's own CPU time (user +
+system, so including the kernel's work in its recv/sendto) per packet is printed too: it is
+less sensitive than packets/s to other load on the machine.
 
 Cases: NetfilterQueue accept-only, NetfilterQueue rewrite (set_payload), ours accept-only,
 ours rewrite ((NF_ACCEPT, new_payload)), and ours again with batch_verdicts=True (one sendto per
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -93,13 +96,16 @@ def worker(impl: str, mode: str, n: int) -> None:
     poller.register(fd, select.POLLIN)
     while (line := sys.stdin.readline().split()) and line[0] == "go":
         want, handled = int(line[1]), 0
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = last = time.perf_counter()
         while handled < want:
             if not poller.poll(500):
                 break  # idle: some packets never reached the queue (counted as not handled)
             handled += drain()
             last = time.perf_counter()
-        emit(handled=handled, seconds=last - t0, stats=q.stats() if impl.startswith("ours") else None)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+        emit(handled=handled, seconds=last - t0, cpu=cpu, stats=q.stats() if impl.startswith("ours") else None)
 
 
 def blast(n: int, size: int) -> None:
@@ -132,7 +138,7 @@ def measure(s: Any, r: Any, impl: str, mode: str, n: int, size: int) -> dict[str
         assert w.stdout is not None and w.stdin is not None
         assert json.loads(w.stdout.readline()).get("ready"), "worker did not start"
         sink_count(r)  # zero the counter
-        res: dict[str, Any] = {"handled": 0, "seconds": 0.0}
+        res: dict[str, Any] = {"handled": 0, "seconds": 0.0, "cpu": 0.0}
         left = n
         while left > 0:
             chunk = min(left, CHUNK)
@@ -143,12 +149,14 @@ def measure(s: Any, r: Any, impl: str, mode: str, n: int, size: int) -> dict[str
             part = json.loads(w.stdout.readline())
             res["handled"] += part["handled"]
             res["seconds"] += part["seconds"]
+            res["cpu"] += part["cpu"]
     finally:
         w.kill()
         w.wait()
     time.sleep(0.2)
     res["delivered"] = sink_count(r)
     res["pps"] = res["handled"] / res["seconds"] if res["seconds"] > 0 else 0.0
+    res["cpu_us"] = 1e6 * res["cpu"] / res["handled"] if res["handled"] else 0.0
     return res
 
 
@@ -181,10 +189,11 @@ def main() -> None:
 
     print(f"{args.packets} packets of {args.size + 28} bytes (IPv4/UDP), drained from a pre-filled queue "
           f"({CHUNK} at a time), best of {args.rounds}\n")
-    print(f"{'binding':<16}{'verdict':<10}{'handled':>10}{'seconds':>10}{'packets/s':>12}{'delivered':>11}")
+    print(f"{'binding':<16}{'verdict':<10}{'handled':>10}{'seconds':>10}{'packets/s':>12}{'CPU us/pkt':>12}"
+          f"{'delivered':>11}")
     for (impl, mode), res in results.items():
         print(f"{impl:<16}{mode:<10}{res['handled']:>10}{res['seconds']:>10.3f}{res['pps']:>12,.0f}"
-              f"{res['delivered']:>11}")
+              f"{res['cpu_us']:>12.2f}{res['delivered']:>11}")
     base = results[("netfilterqueue", "accept")]["pps"]
     print()
     for impl, mode in CASES[1:]:

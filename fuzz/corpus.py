@@ -284,7 +284,8 @@ def seeds(specs: list[SaSpec], sender: dict[str, SecurityAssociation]) -> Iterat
             if spec.mode == "transport":
                 body = body[20 if spec.inner == 4 else 40:]
             nh_ok = PROTO_UDP if spec.mode == "transport" else (4 if spec.inner == 4 else 41)
-            yield Seed(f"bogus-padding/{spec.name}", forge_esp(s, spec, _esp_plaintext(body, block, nh_ok, True)), frozenset({C.IN_PADDING_ERROR}))
+            yield Seed(f"bogus-padding/{spec.name}", forge_esp(s, spec, _esp_plaintext(body, block, nh_ok, True)),
+                       frozenset({C.IN_PADDING_ERROR}))
             yield Seed(f"padding-too-long/{spec.name}", forge_esp(s, spec, _pad_too_long(block, nh_ok)),
                        frozenset({C.IN_PADDING_ERROR}))
             yield Seed(f"dummy-nh59/{spec.name}", forge_esp(s, spec, _esp_plaintext(b"", block, 59)),
@@ -300,7 +301,8 @@ def seeds(specs: list[SaSpec], sender: dict[str, SecurityAssociation]) -> Iterat
                     struct.pack_into("!H", bad, 2, len(bad) + 50)
                 else:
                     struct.pack_into("!H", bad, 4, len(bad))
-                yield Seed(f"inner-length/{spec.name}", forge_esp(s, spec, _esp_plaintext(bytes(bad), block, nh_ok)), frozenset({C.XFRM_IN_STATE_MODE_ERROR}))
+                yield Seed(f"inner-length/{spec.name}", forge_esp(s, spec, _esp_plaintext(bytes(bad), block, nh_ok)),
+                           frozenset({C.XFRM_IN_STATE_MODE_ERROR}))
             else:
                 for nh in (6, 200, 59 + 1):
                     yield Seed(f"wrong-nh-{nh}/{spec.name}",

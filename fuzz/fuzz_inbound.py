@@ -24,12 +24,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import atheris  # noqa: E402
+import atheris
 
 with atheris.instrument_imports(include=["nfq_ipsec"]):
     from nfq_ipsec import ah, esp, packet, pipeline, replay, sa, sad, spd  # noqa: F401
 
-from fuzz import corpus  # noqa: E402
+from fuzz import corpus
 
 TEXT, SPECS = corpus.build_config()
 RX = corpus.make_receiver(TEXT)

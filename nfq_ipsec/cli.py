@@ -309,44 +309,6 @@ def demo(scenario: str) -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-              help="Explain against this configuration (offline); without it, ask the running engine.")
-@click.option("--socket", "socket_path", type=click.Path(), help="Control socket of the running engine.")
-@click.option("--src", required=True, help="Source address of the packet.")
-@click.option("--dst", required=True, help="Destination address of the packet.")
-@click.option("--proto", default=None, help="Protocol: tcp, udp, icmp, ipv6-icmp, esp, ... or a number.")
-@click.option("--sport", type=int, default=None, help="Source port.")
-@click.option("--dport", type=int, default=None, help="Destination port.")
-@click.option("--icmp-type", type=int, default=None, help="ICMP/ICMPv6 type.")
-@click.option("--icmp-code", type=int, default=None, help="ICMP/ICMPv6 code.")
-@click.option("--dir", "direction", type=click.Choice(["in", "out", "fwd"]), default=None,
-              help="Only this direction (default: all three).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def explain(config_path: str | None, socket_path: str | None, as_json: bool, **flow: Any) -> None:
-    """Which policy a packet matches in each direction, its SA and verdict, and why every
-    earlier policy did not match."""
-    from .explain import explain_flow, format_explain
-
-    req = {"src": flow["src"], "dst": flow["dst"], "proto": flow["proto"], "sport": flow["sport"],
-           "dport": flow["dport"], "icmp_type": flow["icmp_type"], "icmp_code": flow["icmp_code"],
-           "dir": flow["direction"]}
-    try:
-        if config_path and not socket_path:
-            from .spd import Spd
-
-            cfg = _load(config_path)
-            spd = Spd(cfg.engine.default_actions())
-            for p in cfg.policies:
-                spd.add(p)
-            res = explain_flow(spd, req)
-        else:
-            res = _call(config_path, socket_path, "explain", **req)["explain"]
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(res, indent=2) if as_json else format_explain(res))
-
-
-@main.command()
 @_with_engine_opts
 @click.option("--hook", type=click.Choice(["input", "output", "forward"]), default=None, help="Only this hook.")
 @click.option("--verdict", type=click.Choice(["accept", "drop", "consumed"]), default=None, help="Only this verdict.")
@@ -392,10 +354,11 @@ def trace(config_path: str | None, socket_path: str | None, as_json: bool, count
 
 
 try:  # commands maintained in their own module (keys, import)
-    from .cli_tools import import_group, keys_cmd
+    from .cli_tools import explain_cmd, import_group, keys_cmd
 
     main.add_command(import_group)
     main.add_command(keys_cmd)
+    main.add_command(explain_cmd)
 except ImportError:  # pragma: no cover - during development only
     pass
 

@@ -5,14 +5,23 @@ Protocol: newline-delimited JSON over a Unix stream socket. A request is one obj
 `{"ok": false, "error": "..."}`. `trace` turns the connection into a stream of events.
 The socket file is mode 0600 in a 0700 directory, and the peer's credentials are checked
 (SO_PEERCRED): only root may talk to the engine. Nothing sent back ever contains keys.
+
+The engine is single-threaded, so no client may stall it: sockets never block, replies are
+queued per connection (at most `MAX_OUTBUF` bytes, then the client is dropped), at most
+`MAX_REQUESTS_PER_EVENT` requests are served per wake-up and none while replies are
+waiting, at most `MAX_CLIENTS` connections are open, and a line longer than `MAX_REQUEST`
+is refused. A bad request gets an error reply and changes nothing; trace filters are
+validated when given, so a bad one can never fail the packet path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -24,6 +33,10 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 64 * 1024
 MAX_OUTBUF = 4 * 1024 * 1024
+MAX_CLIENTS = 32
+MAX_REQUESTS_PER_EVENT = 16
+BACKPRESSURE = 256 * 1024  # queued reply bytes above which a client's further requests wait
+TRACE_KEYS = {"hook", "verdict", "sa", "policy", "spi", "host", "proto", "port", "rate"}
 
 
 class ControlError(Exception):
@@ -35,7 +48,16 @@ class ControlServer:
         self.path = Path(path)
         self.engine = engine
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                from .engine import EngineError
+
+                raise EngineError(f"control socket path {self.path} exists and is not a socket; "
+                                  "refusing to replace it (check [engine] control_socket)")
             self.path.unlink()  # stale socket of a dead engine (the engine lock guarantees it is not live)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -57,15 +79,23 @@ class ControlServer:
         except OSError:
             return
         conn.setblocking(False)
-        uid = _peer_uid(conn)
+        try:
+            uid = _peer_uid(conn)
+        except OSError:
+            uid = -1
+        error = None
         if uid != 0:
+            error = f"permission denied: the control socket is root-only (uid {uid})"
+        elif len(self.clients) >= MAX_CLIENTS:
+            error = f"too many control connections (limit {MAX_CLIENTS}); try again later"
+        if error is not None:
             try:
-                conn.send(_encode({"ok": False, "error": f"permission denied: the control socket is root-only (uid {uid})"}))
+                conn.send(_encode({"ok": False, "error": error}))
             except OSError:
                 pass
             conn.close()
             return
-        c = ClientConn(conn, self)
+        c = ClientConn(conn, self, sel)
         self.clients.add(c)
         sel.register(conn, selectors.EVENT_READ, c)
 
@@ -90,85 +120,164 @@ def _encode(obj: Any) -> bytes:
 
 
 class ClientConn:
-    def __init__(self, sock: socket.socket, server: ControlServer) -> None:
+    """One root client: buffered input, a bounded queue of replies, never blocking the engine."""
+
+    def __init__(self, sock: socket.socket, server: ControlServer, sel: selectors.BaseSelector | None = None) -> None:
         self.sock = sock
         self.server = server
+        self.sel = sel
         self.buf = b""
+        self.outbuf = bytearray()
+        self.closed = False
+        self.closing = False  # close once the queued replies are sent
+        self.events = selectors.EVENT_READ
         self.trace_filter: dict[str, Any] | None = None
         self.trace_sent = 0
         self.trace_dropped = 0
         self.trace_window = (0.0, 0)
 
     def handle_ready(self, sel: selectors.BaseSelector) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
+        """Called by the engine loop when the socket is readable (or writable, while replies wait)."""
+        self.sel = sel
+        self._flush()
+        if self.closed:
             return
-        except OSError:
-            data = b""
-        if not data:
-            self._unregister(sel)
-            return
-        self.buf += data
-        if len(self.buf) > MAX_REQUEST and b"\n" not in self.buf:
-            self.send({"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
-            self._unregister(sel)
-            return
-        while b"\n" in self.buf:
+        if not self.closing and b"\n" not in self.buf and len(self.outbuf) < BACKPRESSURE:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._unregister(sel)
+                return
+            if data:
+                self.buf += data
+        served = 0
+        while (not self.closing and served < MAX_REQUESTS_PER_EVENT and len(self.outbuf) < BACKPRESSURE
+               and b"\n" in self.buf):
             line, self.buf = self.buf.split(b"\n", 1)
             if not line.strip():
                 continue
+            served += 1
+            if len(line) > MAX_REQUEST:
+                self.send({"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
+                continue
             self.send(self.dispatch(line))
+        if len(self.buf) > MAX_REQUEST and b"\n" not in self.buf:
+            self.send({"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"})
+            self.buf = b""
+            self.closing = True
+        self._update(sel)
 
     def dispatch(self, line: bytes) -> dict[str, Any]:
+        req: Any = None
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ControlError('a request is a JSON object with a "cmd" string')
             return {"ok": True, **handle_command(self.server.engine, req, self)}
-        except (ValueError, UnicodeDecodeError) as e:
-            return {"ok": False, "error": f"bad request: {e}"}
         except ControlError as e:
-            return {"ok": False, "error": str(e)}
+            return {"ok": False, "error": _redact(str(e), req)}
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return {"ok": False, "error": _redact(f"bad request: {e}", req)}
         except Exception as e:  # never let a client take the engine down
-            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+            return {"ok": False, "error": _redact(f"internal error: {type(e).__name__}: {e}", req)}
 
     def send(self, obj: Any) -> None:
-        data = _encode(obj)
-        try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(1.0)
-            self.sock.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                self.sock.setblocking(False)
-            except OSError:
-                pass
+        """Queue a reply (sent as the socket accepts it); a client that stops reading is dropped."""
+        if self.closed:
+            return
+        self.outbuf += _encode(obj)
+        if len(self.outbuf) > MAX_OUTBUF:
+            self._drop()
+            return
+        self._flush()
 
     def send_nowait(self, obj: Any) -> bool:
-        try:
-            self.sock.send(_encode(obj))
-            return True
-        except OSError:
+        """A trace event: sent now or not at all (counted by the caller), never queued behind replies."""
+        if self.closed or self.outbuf:
             return False
+        data = _encode(obj)
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._drop()
+            return False
+        if n < len(data):  # keep the stream line-aligned: the rest goes out before anything else
+            self.outbuf += data[n:]
+            self._update(self.sel)
+        return True
+
+    def _flush(self) -> None:
+        while self.outbuf and not self.closed:
+            try:
+                n = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop()
+                return
+            del self.outbuf[:n]
+        if self.closing and not self.outbuf and not self.closed:
+            self._drop()
+
+    def _update(self, sel: selectors.BaseSelector | None) -> None:
+        """Readable: wanted unless replies or unserved requests are waiting. Writable: while they are
+        (a writable socket is also what wakes us to serve the requests still buffered)."""
+        if self.closed or sel is None:
+            return
+        pending = bool(self.outbuf) or (b"\n" in self.buf and not self.closing)
+        events = selectors.EVENT_WRITE if pending else selectors.EVENT_READ
+        if events != self.events:
+            try:
+                sel.modify(self.sock, events, self)
+                self.events = events
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _drop(self) -> None:
+        if self.sel is not None:
+            self._unregister(self.sel)
+        else:
+            self.close()
 
     def _unregister(self, sel: selectors.BaseSelector) -> None:
         try:
             sel.unregister(self.sock)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OSError):
             pass
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         self.server.clients.discard(self)
-        if self in self.server.engine.tracers:
+        while self in self.server.engine.tracers:
             self.server.engine.tracers.remove(self)
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+_HEX_RUN = re.compile(r"(?:0x)?([0-9a-fA-F]{16,})")
+
+
+def _redact(message: str, req: Any) -> str:
+    """Defence in depth: no long hex string of the request (key material) is ever echoed back."""
+    if not isinstance(req, dict):
+        return message
+    for v in req.values():
+        if isinstance(v, str):
+            for m in _HEX_RUN.finditer(v):
+                h = m.group(1)
+                message = message.replace(h, "<redacted>").replace(h.lower(), "<redacted>")
+                if len(h) % 2 == 0:
+                    message = message.replace(repr(bytes.fromhex(h))[2:-1], "<redacted>")
+    return message
 
 
 def handle_command(engine: Engine, req: dict[str, Any], client: ClientConn | None = None) -> dict[str, Any]:
@@ -186,32 +295,81 @@ def handle_command(engine: Engine, req: dict[str, Any], client: ClientConn | Non
         users = [p.name for p in engine.spd.policies_for_sa(name)]
         if users:
             raise ControlError(f"SA {name!r} is used by policies {', '.join(users)}; remove them first")
+        order = engine.sad.list()
         try:
             engine.sad.remove(name)
         except KeyError:
             raise ControlError(f"no SA named {name!r}") from None
-        engine.install_hooks()
+        _reinstall_hooks(engine, lambda: _restore(engine.sad, order))
         return {"removed": name}
     if cmd == "policy-remove":
         name = _str_arg(req, "name")
+        order = engine.spd.list()
         try:
             engine.spd.remove(name)
         except KeyError:
             raise ControlError(f"no policy named {name!r}") from None
-        engine.install_hooks()
+        _reinstall_hooks(engine, lambda: _restore(engine.spd, order))
         return {"removed": name}
     if cmd in ("sa-add", "policy-add"):
         return _add(engine, cmd, _str_arg(req, "toml"), str(req.get("source") or "<control>"), req.get("base_dir"))
     if cmd == "explain":
-        return {"explain": explain(engine.spd, req)}
+        return {"explain": explain(engine.spd, req, engine.sad)}
     if cmd == "trace":
         if client is None:
             raise ControlError("trace needs a connection")
-        client.trace_filter = {k: v for k, v in req.items() if k != "cmd"}
-        engine.tracers.append(client)
+        client.trace_filter = _trace_filter(req)
+        if client not in engine.tracers:
+            engine.tracers.append(client)
         return {"tracing": True}
     raise ControlError(f"unknown command {cmd!r} (try: stats, sa-list, policy-list, sa-add, sa-remove, "
                        "policy-add, policy-remove, explain, trace)")
+
+
+def _reinstall_hooks(engine: Engine, undo: Any) -> None:
+    """Update the hooks after a change; if that fails, undo the change (hooks.install rolls back its own)."""
+    try:
+        engine.install_hooks()
+    except Exception as e:
+        undo()
+        raise ControlError(f"updating the iptables hooks failed, nothing changed: {e}") from None
+
+
+def _restore(table: Any, order: list[Any]) -> None:
+    """Put the SAD or SPD back exactly as it was, order included (ties in the SPD go by insertion)."""
+    for item in table.list():
+        table.remove(item.name)
+    for item in order:
+        table.add(item)
+
+
+def _trace_filter(req: dict[str, Any]) -> dict[str, Any]:
+    """Check a trace filter now, so matching it per packet cannot fail."""
+    flt = {k: v for k, v in req.items() if k != "cmd" and v is not None}
+    unknown = sorted(set(flt) - TRACE_KEYS)
+    if unknown:
+        raise ControlError(f"trace: unknown filter {', '.join(map(repr, unknown))} "
+                           f"(known: {', '.join(sorted(TRACE_KEYS))})")
+    for key in ("port", "rate"):
+        if key in flt:
+            v = flt[key]
+            lo, hi = (0, 65535) if key == "port" else (1, 100_000)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ControlError(f"trace: {key} must be an integer in {lo}..{hi}, got {v!r}")
+    for key in ("hook", "verdict", "sa", "policy", "spi", "host"):
+        if key in flt and not isinstance(flt[key], str):
+            raise ControlError(f"trace: {key} must be a string, got {type(flt[key]).__name__}")
+    if "proto" in flt:
+        from .explain import parse_proto
+
+        v = flt["proto"]
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ControlError(f"trace: proto must be a name or number, got {type(v).__name__}")
+        try:
+            parse_proto(v)
+        except ValueError as e:
+            raise ControlError(f"trace: {e}") from None
+    return flt
 
 
 def _str_arg(req: dict[str, Any], key: str) -> str:
@@ -243,11 +401,13 @@ def _add(engine: Engine, cmd: str, text: str, source: str = "<control>", base_di
             engine.spd.add(p)
             added.append("policy:" + p.name)
         engine.install_hooks()
-    except (ValueError, KeyError) as e:
-        for item in reversed(added):  # all or nothing
+    except Exception as e:  # all or nothing (a failed hooks.install rolled its own change back)
+        for item in reversed(added):
             kind, name = item.split(":", 1)
             (engine.sad if kind == "sa" else engine.spd).remove(name)
-        raise ControlError(str(e)) from None
+        if isinstance(e, (ValueError, KeyError)):
+            raise ControlError(str(e).strip("'\"")) from None
+        raise ControlError(f"updating the iptables hooks failed, nothing changed: {e}") from None
     return {"added": added}
 
 
@@ -270,11 +430,11 @@ def _policy_dict(p: Any) -> dict[str, Any]:
     }
 
 
-def explain(spd: Any, req: dict[str, Any]) -> dict[str, Any]:
+def explain(spd: Any, req: dict[str, Any], sad: Any = None) -> dict[str, Any]:
     """Which policy a described packet matches, in which direction, and why earlier ones did not."""
     from .explain import explain_flow
 
-    return explain_flow(spd, req)
+    return explain_flow(spd, req, sad)
 
 
 def publish_trace(engine: Engine, hook: int, payload: bytes, d: Decision) -> None:
@@ -283,7 +443,10 @@ def publish_trace(engine: Engine, hook: int, payload: bytes, d: Decision) -> Non
     ev = trace_event(hook, payload, d)
     now = time.monotonic()
     for c in list(engine.tracers):
-        if c.trace_filter and not trace_matches(ev, c.trace_filter):
+        try:
+            if c.trace_filter and not trace_matches(ev, c.trace_filter):
+                continue
+        except Exception:  # filters are validated by _trace_filter; never fail the packet path
             continue
         start, n = c.trace_window
         if now - start >= 1.0:
@@ -311,11 +474,13 @@ class ControlClient:
         try:
             self.sock.connect(path)
         except FileNotFoundError:
-            raise ControlError(f"no engine is running with control socket {path} (is `nfq-ipsec run` started?)") from None
+            raise ControlError(f"no engine is running with control socket {path} "
+                               "(is `nfq-ipsec run` started?)") from None
         except PermissionError:
             raise ControlError(f"permission denied on {path}: the control socket is root-only") from None
         except ConnectionRefusedError:
-            raise ControlError(f"control socket {path} exists but no engine answers (stale; the engine died?)") from None
+            raise ControlError(f"control socket {path} exists but no engine answers "
+                               "(stale; the engine died?)") from None
         self.file = self.sock.makefile("rb")
 
     def call(self, cmd: str, **kw: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from typing import Any
 
 from .config import AUTH_ICV, AUTH_KEYS, PROTOCOLS, config_to_toml, parse_config
 from .errors import ConfigError
-from .sa import Lifetime
+from .sa import Lifetime, SecurityAssociation
 from .spd import ICMP_PROTOCOLS, PORT_PROTOCOLS, Action, Direction, Policy, Selector
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -230,8 +230,19 @@ def resolve(sas: Sequence[ImportedSa], policies: Sequence[ImportedPolicy],
             warnings: Iterable[str] = ()) -> ImportResult:
     """Name the SAs (``esp-0x1001``), tie each protect policy to its SA and name the policies."""
     used: set[str] = set()
+    seen: dict[tuple[str, int, str], ImportedSa] = {}
     for s in sas:
-        s.params["name"] = _unique(f"{s.params['proto']}-0x{s.params['spi']:x}", used)
+        kw = s.params
+        kw["name"] = _unique(f"{kw['proto']}-0x{kw['spi']:x}", used)
+        try:  # every per-SA check of the engine, reported at the SA's own line
+            SecurityAssociation(**kw)
+        except ValueError as e:
+            raise _err(s.where, str(e).removeprefix(f"SA {kw['name']}: ")) from None
+        ident = (kw["proto"], kw["spi"], str(ipaddress.ip_address(kw["dst"])))
+        if ident in seen:
+            raise _err(s.where, f"{kw['proto']} spi 0x{kw['spi']:08x} to {kw['dst']} is also the SA at "
+                                f"{seen[ident].where}: inbound packets could not tell them apart")
+        seen[ident] = s
     out: list[Policy] = []
     pol_names: set[str] = set()
     for p in policies:

@@ -34,7 +34,7 @@ handled by the next call.
 Each verdict is sent as soon as its callback returns, so packets the callback emits itself
 (raw socket, TUN) and packets it accepts leave in callback order. ``batch_verdicts=True``
 sends the verdicts of one `process()` call in a single netlink datagram at its end instead:
-~1.3-1.6x the packets/s (bench/nfqueue_bench.py), but an accepted packet may then leave after
+~1.2-1.4x the packets/s (bench/nfqueue_bench.py), but an accepted packet may then leave after
 packets sent directly by later callbacks of the same call, which could reorder an SA's
 sequence numbers beyond a small replay window; use it only when all output goes through
 verdicts, and keep ``max_packets`` modest when latency matters.

@@ -90,25 +90,27 @@ def _malformed(reason: str) -> Drop:
 def parse(buf: bytes | bytearray | memoryview) -> PacketInfo:
     """Parse an IPv4 or IPv6 packet; raises Drop(IN_MALFORMED) when it is not a sane one."""
     n = len(buf)
-    if n < 1:
-        raise _malformed("empty packet")
-    version = buf[0] >> 4
+    version = buf[0] >> 4 if n else 0
+    sport = dport = itype = icode = spi = NO_PORT
     if version == 4:
         if n < 20:
             raise _malformed(f"IPv4 packet of {n} bytes is shorter than its header")
-        ihl = (buf[0] & 0x0F) << 2
-        total = _unpack_H(buf, 2)[0]
+        vihl, total, frag, proto, src_int, dst_int = _V4_HEAD.unpack_from(buf)
+        ihl = (vihl & 0x0F) << 2
         if ihl < 20 or total < ihl or total > n:
             raise _malformed(f"IPv4 lengths inconsistent: IHL {ihl}, total {total}, have {n}")
-        frag = _unpack_H(buf, 6)[0]
         offset = frag & IPV4_OFFSET_MASK
-        is_fragment = bool(offset or frag & IPV4_MF)
-        first = offset == 0
-        proto = buf[9]
-        src = bytes(buf[12:16])
-        dst = bytes(buf[16:20])
-        return _finish(buf, 4, ihl, proto, ihl, total, src, dst, is_fragment, first,
-                       bool(frag & IPV4_DF), 9, 9)
+        if not offset:
+            if proto in PORT_PROTOCOLS:
+                if total - ihl < 4:
+                    raise _malformed(f"protocol {proto} header truncated ({total - ihl} bytes)")
+                sport, dport = _unpack_HH(buf, ihl)
+            elif proto in _OTHER_L4:
+                itype, icode, spi = _other_l4(buf, proto, ihl, total)
+        flow = _new_tuple(FlowKey, (4, src_int, dst_int, proto, sport, dport, itype, icode))
+        return _new_tuple(PacketInfo, (
+            4, ihl, proto, ihl, total, bytes(buf[12:16]), bytes(buf[16:20]), bool(offset or frag & IPV4_MF),
+            not offset, bool(frag & IPV4_DF), flow, spi, 9, 9))
     if version == 6:
         if n < 40:
             raise _malformed(f"IPv6 packet of {n} bytes is shorter than its header")
@@ -117,16 +119,50 @@ def parse(buf: bytes | bytearray | memoryview) -> PacketInfo:
             raise _malformed(f"IPv6 payload length {total - 40} exceeds the {n - 40} bytes present")
         src = bytes(buf[8:24])
         dst = bytes(buf[24:40])
-        nh = buf[6]
-        if nh not in _V6_EXTENSIONS:  # fast path: no extension headers
-            return _finish(buf, 6, 40, nh, 40, total, src, dst, False, True, False, 6, 6)
-        header_len, nh_offset, proto, l4, l4_nh, is_fragment, first = _walk_v6(buf, total)
-        return _finish(buf, 6, header_len, proto, l4, total, src, dst, is_fragment, first, False,
-                       nh_offset, l4_nh)
-    raise _malformed(f"IP version {version}")
+        proto = buf[6]
+        if proto not in _V6_EXTENSIONS:  # fast path: no extension headers
+            header_len = l4 = 40
+            nh_offset = l4_nh = 6
+            is_fragment = False
+            first = True
+        else:
+            header_len, nh_offset, proto, l4, l4_nh, is_fragment, first = _walk_v6(buf, total)
+        if first:
+            if proto in PORT_PROTOCOLS:
+                if total - l4 < 4:
+                    raise _malformed(f"protocol {proto} header truncated ({total - l4} bytes)")
+                sport, dport = _unpack_HH(buf, l4)
+            elif proto in _OTHER_L4:
+                itype, icode, spi = _other_l4(buf, proto, l4, total)
+        flow = _new_tuple(FlowKey, (6, int.from_bytes(src, "big"), int.from_bytes(dst, "big"), proto, sport,
+                                    dport, itype, icode))
+        return _new_tuple(PacketInfo, (6, header_len, proto, l4, total, src, dst, is_fragment, first, False,
+                                       flow, spi, nh_offset, l4_nh))
+    raise _malformed(f"IP version {version}" if n else "empty packet")
 
 
+# version/IHL, total length, flags/fragment offset, protocol, source and destination as integers
+_V4_HEAD = struct.Struct("!BxHxxHxBxxII")
 _V6_EXTENSIONS = frozenset({PROTO_HOPOPTS, PROTO_ROUTING, PROTO_FRAGMENT, PROTO_DSTOPTS})
+_OTHER_L4 = frozenset({PROTO_ICMP, PROTO_ICMPV6, PROTO_ESP, PROTO_AH})
+# NamedTuple.__new__ parses keyword arguments; tuple.__new__ builds the same object at half the cost
+_new_tuple = tuple.__new__
+
+
+def _other_l4(buf: bytes | bytearray | memoryview, proto: int, l4: int, total: int) -> tuple[int, int, int]:
+    """(ICMP type, ICMP code, SPI) for ICMP/ICMPv6/ESP/AH, -1 where absent."""
+    avail = total - l4
+    if proto == PROTO_ICMP or proto == PROTO_ICMPV6:
+        if avail < 2:
+            raise _malformed(f"ICMP header truncated ({avail} bytes)")
+        return buf[l4], buf[l4 + 1], NO_PORT
+    if proto == PROTO_ESP:
+        if avail < 8:
+            raise _malformed(f"ESP header truncated ({avail} bytes)")
+        return NO_PORT, NO_PORT, _unpack_I(buf, l4)[0]
+    if avail < 12:
+        raise _malformed(f"AH header truncated ({avail} bytes)")
+    return NO_PORT, NO_PORT, _unpack_I(buf, l4 + 4)[0]
 
 
 def _walk_v6(buf: bytes | bytearray | memoryview, total: int) -> tuple[int, int, int, int, int, bool, bool]:
@@ -181,37 +217,6 @@ def _walk_v6(buf: bytes | bytearray | memoryview, total: int) -> tuple[int, int,
     if insert < 0:
         insert, insert_nh = off, nh_pos
     return insert, insert_nh, nh, off, nh_pos, is_fragment, first
-
-
-def _finish(buf: bytes | bytearray | memoryview, version: int, header_len: int, proto: int, l4: int,
-            total: int, src: bytes, dst: bytes, is_fragment: bool, first: bool, df: bool,
-            nh_offset: int, l4_nh_offset: int) -> PacketInfo:
-    """Read ports / ICMP type and code / SPI at `l4` and build the result."""
-    sport = dport = itype = icode = NO_PORT
-    spi = -1
-    if first:
-        avail = total - l4
-        if proto in PORT_PROTOCOLS:
-            if avail < 4:
-                raise _malformed(f"protocol {proto} header truncated ({avail} bytes)")
-            sport, dport = _unpack_HH(buf, l4)
-        elif proto == PROTO_ICMP or proto == PROTO_ICMPV6:
-            if avail < 2:
-                raise _malformed(f"ICMP header truncated ({avail} bytes)")
-            itype = buf[l4]
-            icode = buf[l4 + 1]
-        elif proto == PROTO_ESP:
-            if avail < 8:
-                raise _malformed(f"ESP header truncated ({avail} bytes)")
-            spi = _unpack_I(buf, l4)[0]
-        elif proto == PROTO_AH:
-            if avail < 12:
-                raise _malformed(f"AH header truncated ({avail} bytes)")
-            spi = _unpack_I(buf, l4 + 4)[0]
-    flow = FlowKey(version, int.from_bytes(src, "big"), int.from_bytes(dst, "big"), proto,
-                   sport, dport, itype, icode)
-    return PacketInfo(version, header_len, proto, l4, total, src, dst, is_fragment, first, df, flow, spi,
-                      nh_offset, l4_nh_offset)
 
 
 def find_header(buf: bytes | bytearray | memoryview, total: int, wanted: int,

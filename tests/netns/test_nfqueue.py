@@ -279,7 +279,8 @@ def test_fail_closed_without_listener_and_fail_open_when_queue_full(
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_output_tcp_segments_have_complete_checksums(net: tuple[Namespace, Namespace, Proc], batch: bool) -> None:
+def test_output_tcp_segments_have_complete_checksums(net: tuple[Namespace, Namespace, Proc],
+                                                     batch: bool) -> None:
     """F_GSO stays clear: the kernel segments TSO skbs and completes CHECKSUM_PARTIAL before copying.
     (With batch_verdicts, many verdicts share one netlink datagram here.)"""
     a, b, _ = net

@@ -19,7 +19,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from scapy.all import ICMP, IP, UDP, Ether, ICMPv6EchoRequest, IPv6, Raw, raw, wrpcap
+from scapy.compat import raw
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+from scapy.utils import wrpcap
 
 from nfq_ipsec.cli import main
 from nfq_ipsec.config import load_config

@@ -8,6 +8,7 @@ import hmac
 import os
 import re
 import struct
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -48,7 +49,7 @@ def test_aead_key_length_is_enforced_with_a_clear_message(aead: str, key_len: in
 
 @pytest.mark.parametrize("enc,key_len", [("aes-cbc-128", 16), ("aes-cbc-192", 24), ("aes-cbc-256", 32)])
 def test_enc_key_length(enc: str, key_len: int) -> None:
-    auth = {"auth": "hmac-sha256-128", "auth_key": key_of(32)}
+    auth: dict[str, Any] = {"auth": "hmac-sha256-128", "auth_key": key_of(32)}
     assert make_transform(enc=enc, enc_key=key_of(key_len), **auth).name == f"{enc}+hmac-sha256-128"
     with pytest.raises(ValueError, match=rf"{enc} needs a {key_len}-byte key, got {key_len - 1} bytes"):
         make_transform(enc=enc, enc_key=key_of(key_len - 1), **auth)

@@ -10,6 +10,7 @@ must still be delivered. The atheris harness (fuzz/fuzz_inbound.py) uses the sam
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 import time
@@ -188,7 +189,7 @@ def test_packet_of_one_sa_under_anothers_spi_fails_its_icv() -> None:
     RX.reset_replay()  # so that no packet is stopped by the other SA's replay window before its ICV
     checked = total = 0
     for group in by_shape.values():
-        for a, b in zip(group, group[1:], strict=False):
+        for a, b in itertools.pairwise(group):
             pkt, _ = corpus.valid(TX[a.name], a, b"cross")
             buf = bytearray(pkt)
             rx_b = RX.sad.get(b.name)
@@ -322,7 +323,7 @@ def test_suppressed_audit_lines_are_not_even_formatted(monkeypatch: pytest.Monke
     assert calls <= 2 * 2 * len(lines), f"{calls} addresses formatted for {len(lines)} audit lines"
 
 
-def _outside_policy(tx: dict[str, SecurityAssociation], spec: corpus.SaSpec) -> bytes:  # noqa: N802
+def _outside_policy(tx: dict[str, SecurityAssociation], spec: corpus.SaSpec) -> bytes:
     """A genuine tunnel packet of `spec`'s SA whose inner source is outside its policy."""
     inner = corpus.udp_packet("203.0.113.250", spec.local, b"outside the policy")
     return tx[spec.name].protect(inner)

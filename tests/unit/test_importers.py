@@ -51,22 +51,22 @@ GCM_OUT, GCM_IN = key(0x01, 20), key(0x21, 20)
 XFRM_HOST = f"""\
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00001001 reqid 1 mode transport
-\treplay-window 32 
+\treplay-window 32
 \taead rfc4106(gcm(aes)) {hx(GCM_OUT)} 128
 \tanti-replay context: seq 0x0, oseq 0x5, bitmap 0x00000000
-\tsel src 192.0.2.1/32 dst 192.0.2.2/32 
+\tsel src 192.0.2.1/32 dst 192.0.2.2/32
 src 192.0.2.2 dst 192.0.2.1
 \tproto esp spi 0x00001002 reqid 2 mode transport
-\treplay-window 32 
+\treplay-window 32
 \taead rfc4106(gcm(aes)) {hx(GCM_IN)} 128
 \tanti-replay context: seq 0x7, oseq 0x0, bitmap 0x0000007f
-\tsel src 192.0.2.2/32 dst 192.0.2.1/32 
-src 192.0.2.1/32 dst 192.0.2.2/32 
-\tdir out priority 100 ptype main 
+\tsel src 192.0.2.2/32 dst 192.0.2.1/32
+src 192.0.2.1/32 dst 192.0.2.2/32
+\tdir out priority 100 ptype main
 \ttmpl src 0.0.0.0 dst 0.0.0.0
 \t\tproto esp reqid 1 mode transport
-src 192.0.2.2/32 dst 192.0.2.1/32 
-\tdir in priority 100 ptype main 
+src 192.0.2.2/32 dst 192.0.2.1/32
+\tdir in priority 100 ptype main
 \ttmpl src 0.0.0.0 dst 0.0.0.0
 \t\tproto esp reqid 2 mode transport
 """
@@ -121,19 +121,19 @@ src 192.0.2.0/25 dst 192.0.2.128/25 uid 0
 \t  add 2024-05-01 10:00:00 use -
 \ttmpl src 203.0.113.1 dst 198.51.100.1
 \t\tproto esp spi 0x00000000(0) reqid 1(0x00000001) mode tunnel
-\t\tlevel required share any 
+\t\tlevel required share any
 \t\tenc-mask ffffffff auth-mask ffffffff comp-mask ffffffff
 src 192.0.2.128/25 dst 192.0.2.0/25 uid 0
 \tdir fwd action allow index 34 priority 100 ptype main share any flag  (0x00000000)
 \ttmpl src 198.51.100.1 dst 203.0.113.1
 \t\tproto esp spi 0x00000000(0) reqid 2(0x00000002) mode tunnel
-\t\tlevel required share any 
+\t\tlevel required share any
 \t\tenc-mask ffffffff auth-mask ffffffff comp-mask ffffffff
 src 192.0.2.128/25 dst 192.0.2.1/32 uid 0
 \tdir in action allow index 24 priority 100 ptype main share any flag  (0x00000000)
 \ttmpl src 198.51.100.1 dst 203.0.113.1
 \t\tproto esp spi 0x00000000(0) reqid 2(0x00000002) mode tunnel
-\t\tlevel required share any 
+\t\tlevel required share any
 \t\tenc-mask ffffffff auth-mask ffffffff comp-mask ffffffff
 src 192.0.2.0/25 dst 192.0.2.128/25 proto udp dport 9999 uid 0
 \tdir out action allow index 17 priority 10 ptype main share any flag  (0x00000000)
@@ -150,35 +150,35 @@ GCM192_8, ESN_GCM = key(0x07, 28), key(0x17, 36)
 XFRM_ALGS = f"""\
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002001 reqid 0 mode tunnel
-\treplay-window 32 
+\treplay-window 32
 \taead rfc7539esp(chacha20,poly1305) {hx(CHACHA)} 128
 \ttfcpad 128
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002002 reqid 0 mode tunnel
-\treplay-window 32 
+\treplay-window 32
 \taead rfc4543(gcm(aes)) {hx(GMAC)} 128
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002003 reqid 0 mode transport
-\treplay-window 16 
+\treplay-window 16
 \tauth-trunc hmac(sha1) {hx(NULL_SHA1)} 96
-\tenc ecb(cipher_null) 
+\tenc ecb(cipher_null)
 src 192.0.2.1 dst 192.0.2.2
 \tproto ah spi 0x00002004 reqid 0 mode transport
-\treplay-window 32 
+\treplay-window 32
 \tauth-trunc hmac(sha384) {hx(AH384)} 192
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002005 reqid 0 mode tunnel
-\treplay-window 32 
+\treplay-window 32
 \tauth-trunc hmac(sha512) {hx(SHA512)} 256
 \tenc cbc(aes) {hx(CBC128)}
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002006 reqid 0 mode tunnel
-\treplay-window 32 
+\treplay-window 32
 \tauth hmac(sha256) {hx(SHA256_96)}
 \tenc cbc(aes) {hx(CBC128)}
 src 192.0.2.1 dst 192.0.2.2
 \tproto esp spi 0x00002007 reqid 0 mode tunnel
-\treplay-window 32 
+\treplay-window 32
 \taead rfc4106(gcm(aes)) {hx(GCM192_8)} 64
 src 2001:db8:1::1 dst 2001:db8:1::2
 \tproto esp spi 0x00002008 reqid 0 mode tunnel
@@ -187,9 +187,9 @@ src 2001:db8:1::1 dst 2001:db8:1::2
 \tanti-replay esn context:
 \t seq-hi 0x1, seq 0x10, oseq-hi 0x0, oseq 0x0
 \t replay_window 128, bitmap-length 4
-\t 00000000 00000000 00000000 0000ffff 
-src 2001:db8:1::1/128 dst 2001:db8:1::2/128 proto ipv6-icmp type 135 
-\tdir out priority 10 ptype main 
+\t 00000000 00000000 00000000 0000ffff
+src 2001:db8:1::1/128 dst 2001:db8:1::2/128 proto ipv6-icmp type 135
+\tdir out priority 10 ptype main
 """
 
 
@@ -202,11 +202,11 @@ def expected_algs() -> dict[str, dict[str, Any]]:
                        "auth_key": NULL_SHA1, "replay_window": 16},
         "ah-0x2004": {**base, "proto": "ah", "mode": "transport", "spi": 0x2004, "auth": "hmac-sha384-192",
                       "auth_key": AH384},
-        "esp-0x2005": {**base, "spi": 0x2005, "enc": "aes-cbc-128", "enc_key": CBC128, "auth": "hmac-sha512-256",
-                       "auth_key": SHA512},
+        "esp-0x2005": {**base, "spi": 0x2005, "enc": "aes-cbc-128", "enc_key": CBC128,
+                       "auth": "hmac-sha512-256", "auth_key": SHA512},
         # plain `auth hmac(sha256)`: Linux truncates to 96 bits
-        "esp-0x2006": {**base, "spi": 0x2006, "enc": "aes-cbc-128", "enc_key": CBC128, "auth": "hmac-sha256-128",
-                       "auth_key": SHA256_96, "icv_len": 12},
+        "esp-0x2006": {**base, "spi": 0x2006, "enc": "aes-cbc-128", "enc_key": CBC128,
+                       "auth": "hmac-sha256-128", "auth_key": SHA256_96, "icv_len": 12},
         "esp-0x2007": {**base, "spi": 0x2007, "aead": "aes-gcm-192", "key": GCM192_8, "icv_len": 8},
         "esp-0x2008": {**base, "src": "2001:db8:1::1", "dst": "2001:db8:1::2", "spi": 0x2008,
                        "aead": "aes-gcm-256", "key": ESN_GCM, "esn": True, "replay_window": 128,
@@ -215,8 +215,8 @@ def expected_algs() -> dict[str, dict[str, Any]]:
 
 
 SK_CBC, SK_SHA256, SK_CBC2, SK_SHA1 = key(0x10, 16), key(0x20, 32), key(0x30, 32), key(0x50, 20)
-SK_GCM_O, SK_GCM_I, SK_AH, SK_SHA384, SK_CHACHA = key(0x60, 20), key(0x70, 20), key(0x80, 64), key(0x90, 48), \
-    key(0xA0, 36)
+SK_GCM_O, SK_GCM_I, SK_AH = key(0x60, 20), key(0x70, 20), key(0x80, 64)
+SK_SHA384, SK_CHACHA = key(0x90, 48), key(0xA0, 36)
 SETKEY = f"""\
 #!/usr/sbin/setkey -f
 # host A 192.0.2.1 (this host) <-> host B 192.0.2.2, gateway tunnel 203.0.113.1 <-> 198.51.100.1
@@ -227,7 +227,8 @@ spdflush;
 add 192.0.2.1 192.0.2.2 esp 0x3001 -m transport -r 64 -u 11
 \t-E aes-cbc {hx(SK_CBC)}
 \t-A hmac-sha256 {hx(SK_SHA256)};
-add 192.0.2.2 192.0.2.1 esp 0x3002 -m transport -r 64 -u 12 -E rijndael-cbc {hx(SK_CBC2)} -A hmac-sha1 {hx(SK_SHA1)};
+add 192.0.2.2 192.0.2.1 esp 0x3002 -m transport -r 64 -u 12 -E rijndael-cbc {hx(SK_CBC2)} \
+-A hmac-sha1 {hx(SK_SHA1)};
 
 # tunnel between the gateways, AES-GCM with a 16-byte ICV (key = 16 bytes + 4 bytes of salt)
 add 203.0.113.1 198.51.100.1 esp 0x3003 -m tunnel -r 32 -E aes-gcm-16 {hx(SK_GCM_O)};
@@ -259,16 +260,16 @@ def expected_setkey(sha256_icv: int | None = 12) -> dict[str, dict[str, Any]]:
     t = {"proto": "esp", "mode": "transport"}
     a = {"src": "192.0.2.1", "dst": "192.0.2.2"}
     out = {
-        "esp-0x3001": {**t, **a, "spi": 0x3001, "enc": "aes-cbc-128", "enc_key": SK_CBC, "auth": "hmac-sha256-128",
-                       "auth_key": SK_SHA256, "replay_window": 64},
+        "esp-0x3001": {**t, **a, "spi": 0x3001, "enc": "aes-cbc-128", "enc_key": SK_CBC,
+                       "auth": "hmac-sha256-128", "auth_key": SK_SHA256, "replay_window": 64},
         "esp-0x3002": {**t, "src": "192.0.2.2", "dst": "192.0.2.1", "spi": 0x3002, "enc": "aes-cbc-256",
                        "enc_key": SK_CBC2, "auth": "hmac-sha1-96", "auth_key": SK_SHA1, "replay_window": 64},
-        "esp-0x3003": {"proto": "esp", "mode": "tunnel", "src": "203.0.113.1", "dst": "198.51.100.1", "spi": 0x3003,
-                       "aead": "aes-gcm-128", "key": SK_GCM_O, "replay_window": 32},
-        "esp-0x3004": {"proto": "esp", "mode": "tunnel", "src": "198.51.100.1", "dst": "203.0.113.1", "spi": 0x3004,
-                       "aead": "aes-gcm-128", "key": SK_GCM_I, "replay_window": 32},
-        "ah-0x3005": {"proto": "ah", "mode": "transport", "src": "192.0.2.1", "dst": "192.0.2.3", "spi": 0x3005,
-                      "auth": "hmac-sha512-256", "auth_key": SK_AH, "replay_window": 32},
+        "esp-0x3003": {"proto": "esp", "mode": "tunnel", "src": "203.0.113.1", "dst": "198.51.100.1",
+                       "spi": 0x3003, "aead": "aes-gcm-128", "key": SK_GCM_O, "replay_window": 32},
+        "esp-0x3004": {"proto": "esp", "mode": "tunnel", "src": "198.51.100.1", "dst": "203.0.113.1",
+                       "spi": 0x3004, "aead": "aes-gcm-128", "key": SK_GCM_I, "replay_window": 32},
+        "ah-0x3005": {"proto": "ah", "mode": "transport", "src": "192.0.2.1", "dst": "192.0.2.3",
+                      "spi": 0x3005, "auth": "hmac-sha512-256", "auth_key": SK_AH, "replay_window": 32},
         "esp-0x3006": {**t, "src": "192.0.2.1", "dst": "192.0.2.4", "spi": 0x3006, "enc": "null",
                        "auth": "hmac-sha384-192", "auth_key": SK_SHA384, "replay_window": 32,
                        "lifetime": Lifetime(soft_seconds=3000, hard_seconds=3600, hard_bytes=1000000)},
@@ -303,8 +304,8 @@ EXPECTED_SETKEY_POLICIES = [
      Action.PROTECT, "ah-0x3005", DEF),
     ("out-esp-0x3006", Direction.OUT, Selector(src=net("192.0.2.1/32"), dst=net("192.0.2.4/32"), proto=17),
      Action.PROTECT, "esp-0x3006", 0x40000000),
-    ("out-bypass-2", Direction.OUT, Selector(src=net("2001:db8:1::1/128"), dst=net("2001:db8:1::2/128"), proto=58,
-                                             icmp_type=135, icmp_code=0), Action.BYPASS, None, DEF - 100),
+    ("out-bypass-2", Direction.OUT, Selector(src=net("2001:db8:1::1/128"), dst=net("2001:db8:1::2/128"),
+                                             proto=58, icmp_type=135, icmp_code=0), Action.BYPASS, None, DEF - 100),
     ("out-esp-0x3007", Direction.OUT, Selector(src=net("2001:db8:1::1/128"), dst=net("2001:db8:1::2/128")),
      Action.PROTECT, "esp-0x3007", DEF),
     ("fwd-discard", Direction.FWD, Selector(src=net("0.0.0.0/0"), dst=net("0.0.0.0/0"), proto=6),
@@ -388,9 +389,11 @@ def test_xfrm_host_to_host_transport_gcm() -> None:
     text = res.to_toml("ip xfrm")
     cfg = check_round_trip(text, {
         "esp-0x1001": {"proto": "esp", "mode": "transport", "src": "192.0.2.1", "dst": "192.0.2.2",
-                       "spi": 0x1001, "aead": "aes-gcm-128", "key": GCM_OUT, "replay_window": 32, "seq_start": 5},
+                       "spi": 0x1001, "aead": "aes-gcm-128", "key": GCM_OUT, "replay_window": 32,
+                       "seq_start": 5},
         "esp-0x1002": {"proto": "esp", "mode": "transport", "src": "192.0.2.2", "dst": "192.0.2.1",
-                       "spi": 0x1002, "aead": "aes-gcm-128", "key": GCM_IN, "replay_window": 32, "seq_start": 7},
+                       "spi": 0x1002, "aead": "aes-gcm-128", "key": GCM_IN, "replay_window": 32,
+                       "seq_start": 7},
     })
     assert policy_tuples(cfg) == [
         ("out-esp-0x1001", Direction.OUT, Selector(src=net("192.0.2.1/32"), dst=net("192.0.2.2/32")),
@@ -440,6 +443,13 @@ def test_xfrm_every_supported_algorithm() -> None:
     assert "icv_len = 12" in text and "icv_len = 8" in text and "esn = true" in text
 
 
+def test_xfrm_trailing_spaces_as_iproute2_prints_them() -> None:
+    """iproute2 ends most lines with a space (the samples above are stripped for the linter)."""
+    spaced = "".join(line + " \n" for line in (XFRM_HOST + XFRM_ALGS).splitlines())
+    assert importers.import_xfrm([(spaced, "x")]).to_toml() == \
+        importers.import_xfrm([(XFRM_HOST + XFRM_ALGS, "x")]).to_toml()
+
+
 def test_xfrm_mixed_in_one_stream_and_order_does_not_matter() -> None:
     policies_first = XFRM_SITE_POLICY + XFRM_SITE_STATE
     a = importers.import_xfrm([(policies_first, "x")]).to_toml()
@@ -476,14 +486,18 @@ def err_xfrm(text: str) -> ConfigError:
      "without integrity is not allowed"),
     (f"aead rfc4106(gcm(aes)) {hx(GCM_OUT)} 128", f"aead rfc4106(gcm(aes)) {hx(GCM_OUT)} 32", "aead",
      "32-bit ICV is not possible with aes-gcm-128"),
-    ("\tsel src 192.0.2.1/32", "\tencap type espinudp sport 4500 dport 4500 addr 0.0.0.0\n\tsel src 192.0.2.1/32",
-     "encap", "UDP encapsulation (NAT traversal, type espinudp) is not supported"),
-    ("\tsel src 192.0.2.1/32", "\tcomp deflate 0x\n\tsel src 192.0.2.1/32", "comp", "IPComp is not supported"),
-    ("reqid 1 mode transport\n\treplay", "reqid 1 mode beet\n\treplay", "mode beet", "mode beet is not supported"),
-    ("\nsrc 192.0.2.1/32 dst 192.0.2.2/32 \n", "\nsrc 192.0.2.1/32 dst 192.0.2.2/32 dev eth0 \n", "dev eth0",
+    ("\tsel src 192.0.2.1/32",
+     "\tencap type espinudp sport 4500 dport 4500 addr 0.0.0.0\n\tsel src 192.0.2.1/32", "encap",
+     "UDP encapsulation (NAT traversal, type espinudp) is not supported"),
+    ("\tsel src 192.0.2.1/32", "\tcomp deflate 0x\n\tsel src 192.0.2.1/32", "comp",
+     "IPComp is not supported"),
+    ("reqid 1 mode transport\n\treplay", "reqid 1 mode beet\n\treplay", "mode beet",
+     "mode beet is not supported"),
+    ("\nsrc 192.0.2.1/32 dst 192.0.2.2/32\n", "\nsrc 192.0.2.1/32 dst 192.0.2.2/32 dev eth0\n", "dev eth0",
      "bound to interface eth0"),
     ("\t\tproto esp reqid 1 mode transport\n",
-     "\t\tproto ah reqid 1 mode transport\n\ttmpl src 0.0.0.0 dst 0.0.0.0\n\t\tproto esp reqid 1 mode transport\n",
+     "\t\tproto ah reqid 1 mode transport\n\ttmpl src 0.0.0.0 dst 0.0.0.0\n"
+     "\t\tproto esp reqid 1 mode transport\n",
      "\ttmpl src 0.0.0.0 dst 0.0.0.0\n\t\tproto esp reqid 1", "several templates (an SA bundle"),
 ])
 def test_xfrm_errors_name_the_line(old: str, new: str, needle: str, reason: str) -> None:
@@ -510,11 +524,21 @@ def test_xfrm_ambiguous_template_after_a_rekey() -> None:
     text = XFRM_HOST + rekeyed
     e = err_xfrm(text)
     assert e.where == f"in.txt:{line_of(text, '^src 192.0.2.1/32 dst 192.0.2.2/32')}"
-    assert "several states match esp transport reqid 1: esp-0x1001 (in.txt:1), esp-0x1011 (in.txt:21)" in e.reason
+    assert ("several states match esp transport reqid 1: esp-0x1001 (in.txt:1), esp-0x1011 (in.txt:21)"
+            in e.reason)
+
+
+def test_xfrm_duplicate_spi_for_one_destination() -> None:
+    first = XFRM_HOST.split("src 192.0.2.2 dst 192.0.2.1")[0]
+    e = err_xfrm(XFRM_HOST + first)
+    assert e.where == "in.txt:21"
+    assert e.reason == ("esp spi 0x00001001 to 192.0.2.2 is also the SA at in.txt:1: inbound packets could not "
+                        "tell them apart")
 
 
 def test_xfrm_harmless_extras_are_warnings_and_garbage_is_an_error() -> None:
-    text = XFRM_HOST.replace("\tsel src 192.0.2.1/32", "\tmark 5/0xffffffff\n\tif_id 0x7\n\tsel src 192.0.2.1/32")
+    text = XFRM_HOST.replace("\tsel src 192.0.2.1/32",
+                             "\tmark 5/0xffffffff\n\tif_id 0x7\n\tsel src 192.0.2.1/32")
     res = importers.import_xfrm([(text, "in.txt")])
     assert f"in.txt:{line_of(text, 'mark 5')}: esp spi 0x00001001 (192.0.2.1 -> 192.0.2.2): 'mark' ignored" \
         in res.warnings[0]
@@ -555,6 +579,7 @@ def test_setkey_sha256_rfc4868_truncation() -> None:
     ("unique:21", "unique:22", "unique:22", "needs an SA esp transport reqid 22"),
     ("-E aes-gcm-16 0x6061", "-E aes-gcm-16 0x61", "0x3003", "key has 19 bytes; AES-GCM needs 20, 28 or 36"),
     ('key..." ;', 'key..." -C deflate;', "0x3008", "IPComp (-C) is not supported"),
+    ("esp 0x3008 -E null", "esp 0x20 -E null", "esp 0x20", "spi 32 is in the range 1-255 reserved by IANA"),
 ])
 def test_setkey_errors_name_the_statement(old: str, new: str, needle: str, reason: str) -> None:
     assert old in SETKEY, old
@@ -751,3 +776,15 @@ def test_mangled_input_never_crashes(cuts: list[tuple[int, int]], which: str) ->
         parse_config(res.to_toml())
     except ConfigError as e:
         assert e.where.startswith("m") or e.where == "input", str(e)
+
+
+def test_docs_explain_example_is_what_explain_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(RULES.parent)  # the example uses rules/... relative to the repository
+    doc = (RULES.parent / "docs" / "cli.md").read_text()
+    block = doc.split("$ nfq-ipsec explain ", 1)[1].split("```", 1)[0]
+    cmd, _, output = block.partition("\n")
+    rest, _, output = output.partition("\n")  # the command continues on a second line
+    args = cmd.rstrip("\\").split() + rest.split()
+    code, out, err = run_explain(*args)
+    assert code == 0, err
+    assert out == output

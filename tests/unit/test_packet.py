@@ -244,7 +244,8 @@ def test_parse_agrees_with_scapy(version: int, exts: list[str], l4: str, sport: 
     info = parse(data)
     dissected = (IP if version == 4 else IPv6)(data)
     assert info.total_len == len(data)
-    last, upper = dissected, dissected.payload
+    last: Packet = dissected
+    upper = dissected.payload
     while upper.__class__.__name__.startswith("IPv6ExtHdr"):
         last, upper = upper, upper.payload
     assert info.l4_offset == len(data) - len(raw(upper))

@@ -484,11 +484,24 @@ class ControlClient:
         self.file = self.sock.makefile("rb")
 
     def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
-        self.sock.sendall(_encode({"cmd": cmd, **kw}))
-        line = self.file.readline()
+        try:
+            self.sock.sendall(_encode({"cmd": cmd, **kw}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the engine refused the connection at once: its reason is waiting to be read
+        try:
+            line = self.file.readline()
+        except ConnectionResetError:
+            line = b""
+        except TimeoutError:
+            raise ControlError(f"the engine did not answer {cmd!r} in time") from None
         if not line:
             raise ControlError("the engine closed the connection")
-        reply: dict[str, Any] = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise ControlError("the engine sent a reply that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ControlError("the engine sent a reply that is not a JSON object")
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "unknown error")))
         return reply

@@ -21,10 +21,10 @@ replay update -> padding -> next header (59: dummy packet, dropped and counted).
 raises ``Drop(<global counter>, reason)`` after bumping the SA's own counter (``replay_drops``,
 ``integrity_failures``, ``format_errors``); nothing else escapes, whatever the bytes.
 
-Hot path (see bench/core_bench.py): the common case - transport mode, IPv4 without options,
-AES-GCM-16 or ChaCha20-Poly1305 - is handled inline at the top of encapsulate/decapsulate
-(one struct unpack/pack for the IP header, the AEAD's C methods called directly, one
-concatenation); everything else takes the general path below it, which produces the same bytes.
+Hot path (see bench/core_bench.py): the common cases - AES-GCM-16 or ChaCha20-Poly1305 with an
+IPv4 SA, transport mode without IP options or tunnel mode without TFC padding - are handled
+first (one struct unpack/pack for the IP header, the AEAD's C methods called directly, one
+concatenation); everything else takes the general path, which produces the same bytes.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ _V6_HEADER = struct.Struct("!IHBB16s16s")
 _V4_FIELDS = struct.Struct("!HHIBBHII")
 _V4_ESP_FIELDS = struct.Struct("!HHIBBHIIII")  # the same, followed by the ESP SPI and sequence number
 _V4_ESP_IV_FIELDS = struct.Struct("!HHIBBHIIIIQ")  # ... and a 64-bit IV
+_V4_TUNNEL_IV_FIELDS = struct.Struct("!HHIBBH8sIIQ")  # the same with the addresses as bytes
 _V4_FRAGMENT_BITS = 0x3FFF  # MF and fragment offset, in the low half of the ID/flags/offset field
 
 # padding bytes 1, 2, 3, ... (RFC 4303 §2.4) for every pad length
@@ -98,7 +99,11 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
             packet = bytes(packet)
         t = sa.transform
         encrypt = t.fast_encrypt
-        if encrypt is None or packet[0] != 0x45 or sa.mode != "transport" or sa.family != 4:
+        if encrypt is None or sa.family != 4:
+            return _encapsulate(sa, packet, seq, None)
+        if sa.mode == "tunnel":
+            return _fast_tunnel4(sa, packet, seq) or _encapsulate(sa, packet, seq, None)
+        if packet[0] != 0x45:
             return _encapsulate(sa, packet, seq, None)
         # fast path: _encap_transport for an IPv4 packet without options and a plain AEAD
         first, total, middle, ttl, proto, _, src, dst = _V4_FIELDS.unpack_from(packet)
@@ -117,6 +122,38 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
         raise
     except (IndexError, ValueError, TypeError, OverflowError, struct.error) as e:
         raise Drop(counters.XFRM_OUT_ERROR, f"cannot encapsulate: {e}") from None
+
+
+def _fast_tunnel4(sa: SecurityAssociation, packet: bytes, seq: int) -> bytes | None:
+    """_encap_tunnel for an IPv4 outer header and a plain AEAD, without TFC padding (else None)."""
+    n = len(packet)
+    version = packet[0] >> 4
+    if version == 4 and n >= 20:
+        total = (packet[2] << 8) | packet[3]
+        tos = packet[1]
+        flags = 0x4000 if packet[6] & 0x40 else 0
+        nh = PROTO_IPIP
+    elif version == 6 and n >= 40:
+        total = 40 + ((packet[4] << 8) | packet[5])
+        tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+        flags = 0
+        nh = PROTO_IPV6
+    else:
+        return None
+    t = sa.transform
+    padlen = (2 - total) & 3
+    out_total = 20 + total + padlen + 2 + t.overhead
+    if total < 20 or total > n or out_total > 0xFFFF or sa.tfc_pad > total or t.fast_encrypt is None:
+        return None
+    addrs = sa.src_packed + sa.dst_packed
+    first = 0x4500 | tos
+    middle = ((next(_ip_ids) & 0xFFFF) << 16) | flags
+    s = (first + out_total + middle + (OUTER_TTL << 8) + PROTO_ESP + int.from_bytes(addrs, "big")) % 0xFFFF
+    prefix = _V4_TUNNEL_IV_FIELDS.pack(first, out_total, middle, OUTER_TTL, PROTO_ESP, 0xFFFF - s if s else 0,
+                                       addrs, sa.spi, seq & 0xFFFFFFFF, seq)
+    aad = _esn_aad(prefix[20:28], seq) if sa.esn else prefix[20:28]
+    inner = packet if total == n else packet[:total]
+    return prefix + t.fast_encrypt(t.nonce_salt + prefix[28:], inner + _TRAILERS[padlen][nh], aad)
 
 
 def _esn_aad(esp_header: bytes, seq: int) -> bytes:

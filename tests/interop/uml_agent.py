@@ -4,7 +4,8 @@ The UML kernel's root file system is the host's (hostfs), so the host and this a
 RUNDIR. The host drops requests as RUNDIR/cmd/<id>.json (written to a temporary name, then
 renamed); the agent runs each with /bin/sh in its own process group, output in RUNDIR/res/<id>.out,
 and publishes RUNDIR/res/<id>.json ({"rc", "timed_out", "elapsed"}) once the command is over.
-Every command runs concurrently (servers are just long commands) and has a deadline.
+Every command runs concurrently (servers are just long commands), has a deadline and can be
+killed early ({"op": "kill", "target": ID}).
 
 Files are fsync'ed before the result appears: hostfs writes go through the UML page cache.
 The agent only ever opens names it has just seen in a directory listing, so the UML dentry
@@ -88,6 +89,11 @@ def main(rundir: str) -> int:
                 for j in jobs:
                     j.kill()
                 return 0
+            if req.get("op") == "kill":  # the job then publishes its result as killed (rc -9)
+                for j in jobs:
+                    if j.id == req.get("target"):
+                        j.kill()
+                continue
             try:
                 jobs.append(Job(req, res_dir))
             except OSError as e:  # cannot even start: report it as the command's result

@@ -143,6 +143,12 @@ class Job:
         except FileNotFoundError:
             return ""
 
+    def kill(self) -> Result:
+        """Stop the command (e.g. a server) and return what it printed."""
+        if not self.done():
+            self.peer._submit({"id": f"k{self.id}", "op": "kill", "target": self.id})
+        return self.wait()
+
     def wait(self, extra: float = 15.0) -> Result:
         if self._result is not None:
             return self._result
@@ -261,9 +267,10 @@ sleep 5
 
     # -- commands -----------------------------------------------------------------------------------
     def _submit(self, req: dict[str, object]) -> None:
-        tmp = self.cmd_dir / f".{req['id'] if 'id' in req else 'op'}.tmp"
+        name = str(req.get("id", "zz-exit"))
+        tmp = self.cmd_dir / f".{name}.tmp"
         tmp.write_text(json.dumps(req))
-        tmp.rename(self.cmd_dir / f"{req.get('id', 'zz-op')}.json")
+        tmp.rename(self.cmd_dir / f"{name}.json")
 
     def spawn(self, cmd: str, timeout: float = 30.0) -> Job:
         """Start `cmd` (sh syntax) inside UML; it is killed after `timeout` seconds."""

@@ -481,6 +481,6 @@ def test_non_root_client_is_refused_with_a_clear_message(h: Harness) -> None:
         h.pump(0.02)
     out, err = p.communicate(timeout=5)
     assert p.returncode != 0
-    assert "permission denied: the control socket is root-only (uid 65534)" in err, err
+    assert "permission denied: the control socket is root-only (uid 65534)" in err, (p.returncode, out, err)
     assert "Traceback" not in err
     assert h.server.clients == set()

@@ -88,10 +88,19 @@ _U32 = struct.Struct("!I")
 _ip_ids = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
 
-def header_len(icv_len: int, family: int) -> int:
-    """Length of the AH (fixed part + ICV + alignment padding) carried by an IPv4/IPv6 header."""
-    align = 8 if family == 6 else 4
+def header_len(icv_len: int, family: int, align: int = 0) -> int:
+    """Length of the AH (fixed part + ICV + alignment padding) carried by an IPv4/IPv6 header.
+
+    align: 0 for RFC 4302's minimum (4 bytes for IPv4, 8 for IPv6), or 8 (Linux's IPv4 default)."""
+    align = align or (8 if family == 6 else 4)
     return (AH_FIXED_LEN + icv_len + align - 1) // align * align
+
+
+def _accepted_lengths(icv_len: int, family: int) -> tuple[int, ...]:
+    """AH lengths a receiver accepts: 4-byte (RFC 4302) and 8-byte (Linux default) aligned IPv4 AH."""
+    if family == 6:
+        return (header_len(icv_len, 6),)
+    return tuple(sorted({header_len(icv_len, 4, 4), header_len(icv_len, 4, 8)}))
 
 
 def _integrity(sa: SecurityAssociation) -> HmacIntegrity:
@@ -115,7 +124,7 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
     icv_len = integ.icv_len
     if sa.mode == "tunnel":
         inner = _inner_packet(packet)
-        ah_len = header_len(icv_len, sa.family)
+        ah_len = header_len(icv_len, sa.family, getattr(sa, "ah_align", 0))
         out = bytearray(_tunnel_header(sa, inner, ah_len + len(inner)))
         ah_off = len(out)
         out += _ah_header(PROTO_IPIP if inner[0] >> 4 == 4 else PROTO_IPV6, ah_len, sa.spi, seq)
@@ -126,7 +135,7 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
         if version != sa.family:
             raise Drop(counters.XFRM_OUT_STATE_MODE_ERROR,
                        f"IPv{version} packet on an IPv{sa.family} transport SA")
-        ah_len = header_len(icv_len, version)
+        ah_len = header_len(icv_len, version, getattr(sa, "ah_align", 0))
         if version == 4:
             total, ah_off = _v4_bounds(buf, counters.XFRM_OUT_ERROR)
             if _U16.unpack_from(buf, 6)[0] & _V4_MF_OFFSET_MASK:
@@ -228,13 +237,14 @@ def decapsulate(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
             ah_off, nh_pos = find_header(buf, total, PROTO_AH)
         integ = _integrity(sa)
         icv_len = integ.icv_len
-        ah_len = header_len(icv_len, version)
         if ah_off + AH_FIXED_LEN > total:
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "truncated AH")
         next_header, payload_len, _reserved, spi, seq_low = _AH_FIXED.unpack_from(buf, ah_off)
-        if (payload_len + 2) * 4 != ah_len:
+        ah_len = (payload_len + 2) * 4
+        if ah_len not in _accepted_lengths(icv_len, version):
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR,
-                       f"AH length {(payload_len + 2) * 4} != {ah_len} for a {icv_len}-byte ICV")
+                       f"AH length {ah_len} is not valid for a {icv_len}-byte ICV "
+                       f"(expected {' or '.join(map(str, _accepted_lengths(icv_len, version)))})")
         if ah_off + ah_len > total:
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "truncated AH")
         if spi != sa.spi:

@@ -512,7 +512,7 @@ def _parse_engine(doc: _Doc, data: object) -> EngineSettings:
 SA_KEYS = (
     "name", "proto", "mode", "src", "dst", "spi", "aead", "key", "key_file", "enc", "enc_key",
     "enc_key_file", "auth", "auth_key", "auth_key_file", "icv_len", "esn", "replay_window", "seq_start",
-    "tfc_pad", "lifetime",
+    "tfc_pad", "ah_align", "lifetime",
 )
 LIFETIME_KEYS = tuple(f.name for f in fields(Lifetime))
 
@@ -629,6 +629,11 @@ def _parse_sa(doc: _Doc, index: int, data: object) -> _SaSpec:
     kw["tfc_pad"] = t.get_int("tfc_pad", 0, 0, 65535)
     if kw["tfc_pad"] and (proto != "esp" or mode != "tunnel"):
         raise t.error("tfc_pad", "TFC padding needs ESP in tunnel mode (RFC 4303 §2.7)")
+    if t.has("ah_align"):
+        align = t.get_int("ah_align", 0, 4, 8)
+        if proto != "ah" or align not in (4, 8):
+            raise t.error("ah_align", "4 or 8, for AH SAs only (8 = 64-bit aligned IPv4 AH, as stock Linux sends)")
+        kw["ah_align"] = align
     lt = t.sub("lifetime")
     if lt is not None:
         lt.check_keys(LIFETIME_KEYS)
@@ -1058,7 +1063,7 @@ def config_to_toml(
         if sa.get("esn"):
             lines.append("esn = true")
         lines.append(f"replay_window = {int(sa.get('replay_window', 32))}")
-        for k in ("seq_start", "tfc_pad"):
+        for k in ("seq_start", "tfc_pad", "ah_align"):
             if sa.get(k):
                 lines.append(f"{k} = {int(sa[k])}")
         lifetime = sa.get("lifetime")

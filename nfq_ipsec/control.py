@@ -6,12 +6,14 @@ Protocol: newline-delimited JSON over a Unix stream socket. A request is one obj
 The socket file is mode 0600 in a 0700 directory, and the peer's credentials are checked
 (SO_PEERCRED): only root may talk to the engine. Nothing sent back ever contains keys.
 
-The engine is single-threaded, so no client may stall it: sockets never block, replies are
-queued per connection (at most `MAX_OUTBUF` bytes, then the client is dropped), at most
-`MAX_REQUESTS_PER_EVENT` requests are served per wake-up and none while replies are
-waiting, at most `MAX_CLIENTS` connections are open, and a line longer than `MAX_REQUEST`
-is refused. A bad request gets an error reply and changes nothing; trace filters are
-validated when given, so a bad one can never fail the packet path.
+The engine is single-threaded, so no client may stall it: sockets never block; replies are
+queued per connection and a client's further requests wait while its socket is full or
+`BACKPRESSURE` bytes are queued (a client that lets more than `MAX_OUTBUF` pile up is
+dropped); at most `MAX_REQUESTS_PER_EVENT` requests are served per wake-up; at most
+`MAX_CLIENTS` connections are open; a line longer than `MAX_REQUEST` is refused. A bad
+request gets one error reply and changes nothing (live changes are all or nothing, hooks
+included); trace filters are validated when given, so a bad one can never fail the packet
+path; error messages never echo long hex strings of the request (key material).
 """
 
 from __future__ import annotations
@@ -189,10 +191,11 @@ class ClientConn:
         """Queue a reply (sent as the socket accepts it); a client that stops reading is dropped."""
         if self.closed:
             return
-        self.outbuf += _encode(obj)
-        if len(self.outbuf) > MAX_OUTBUF:
+        data = _encode(obj)
+        if self.outbuf and len(self.outbuf) + len(data) > MAX_OUTBUF:  # one large reply alone is fine
             self._drop()
             return
+        self.outbuf += data
         self._flush()
 
     def send_nowait(self, obj: Any) -> bool:
@@ -295,21 +298,21 @@ def handle_command(engine: Engine, req: dict[str, Any], client: ClientConn | Non
         users = [p.name for p in engine.spd.policies_for_sa(name)]
         if users:
             raise ControlError(f"SA {name!r} is used by policies {', '.join(users)}; remove them first")
-        order = engine.sad.list()
+        sas = engine.sad.list()
         try:
             engine.sad.remove(name)
         except KeyError:
             raise ControlError(f"no SA named {name!r}") from None
-        _reinstall_hooks(engine, lambda: _restore(engine.sad, order))
+        _reinstall_hooks(engine, lambda: _restore(engine.sad, sas))
         return {"removed": name}
     if cmd == "policy-remove":
         name = _str_arg(req, "name")
-        order = engine.spd.list()
+        policies = engine.spd.list()
         try:
             engine.spd.remove(name)
         except KeyError:
             raise ControlError(f"no policy named {name!r}") from None
-        _reinstall_hooks(engine, lambda: _restore(engine.spd, order))
+        _reinstall_hooks(engine, lambda: _restore(engine.spd, policies))
         return {"removed": name}
     if cmd in ("sa-add", "policy-add"):
         return _add(engine, cmd, _str_arg(req, "toml"), str(req.get("source") or "<control>"), req.get("base_dir"))

@@ -527,6 +527,8 @@ def _xfrm_state(block: list[tuple[int, str]], source: str, warnings: list[str]) 
         raise _err(where0, "state without a 'proto ... spi ... mode ...' line")
     if "esn" in flags:
         p["esn"] = True
+    if p.get("proto") == "ah" and ":" not in str(p.get("dst", "")) and "align4" not in flags:
+        p["ah_align"] = 8  # Linux's IPv4 AH is 64-bit aligned unless the state has `flag align4`
     p["replay_window"] = window
     start = oseq or seq
     if start:

@@ -106,6 +106,41 @@ def _addr_str(family: int, raw: bytes) -> str:
         return raw.hex()
 
 
+def encapsulated_len(sa: SecurityAssociation, inner_len: int, header_len: int) -> int:
+    """Length of the packet `sa` makes of an `inner_len`-byte packet, without making it.
+
+    header_len: the inner packet's IP header with the extension headers that stay in front of
+    ESP/AH in transport mode (PacketInfo.header_len).
+    """
+    t = sa.transform
+    if sa.proto == "ah":
+        from .ah import header_len as ah_header_len
+
+        ah = ah_header_len(t.icv_len, sa.family, sa.ah_align)
+        return inner_len + ah + (0 if sa.mode == "transport" else (20 if sa.family == 4 else 40))
+    block = t.block_size
+    if sa.mode == "transport":
+        payload, outer = inner_len - header_len, header_len
+    else:
+        payload, outer = max(inner_len, sa.tfc_pad), (20 if sa.family == 4 else 40)
+    padded = payload + 2 + (-(payload + 2)) % block
+    return outer + t.overhead + padded
+
+
+def inner_mtu_for(sa: SecurityAssociation, mtu: int, header_len: int) -> int:
+    """The largest inner packet whose encapsulation fits `mtu` (what ICMP too-big announces)."""
+    lo, hi = IPV4_MIN_MTU, mtu
+    if encapsulated_len(sa, lo, min(header_len, lo)) > mtu:
+        return lo
+    while lo < hi:  # encapsulated_len is monotonic in the inner length
+        mid = (lo + hi + 1) // 2
+        if encapsulated_len(sa, mid, header_len) <= mtu:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class AuditLog:
     """Rate-limited audit lines: at most `rate` per second, with a summary of what was held back."""
 
@@ -319,20 +354,23 @@ class Pipeline:
             self.counters.inc(C.XFRM_OUT_STATE_MODE_ERROR)
             return Decision(NF_DROP, None, _NO_ACTIONS, "transport SA of the other address family", policy.name,
                             sa.name)
-        out = sa.protect(pkt)
-        policy.counters.account(len(pkt))
+        # The size check comes first (as in Linux): a packet answered with "too big" must not use a
+        # sequence number nor count as sent on the SA.
         mtu = self.path_mtu(sa.family, sa.dst_packed if sa.mode == "tunnel" else info.dst)
-        if len(out) > mtu:
-            too_big = self._too_big(pkt, info, sa, out, mtu)
+        expected = encapsulated_len(sa, len(pkt), info.header_len)
+        if expected > mtu:
+            too_big = self._too_big(pkt, info, sa, expected, mtu)
             if too_big is not None:
                 return too_big
+        out = sa.protect(pkt)
+        policy.counters.account(len(pkt))
         # Sent from our raw socket, routed by the kernel for the outer destination. Not handed
         # back as the verdict's payload: the kernel would check it against the path-MTU cache of
         # the inner destination (the same host in transport mode), which our own ICMP lowered.
         frags = self._fragment(out, sa.family, mtu)
         return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name)
 
-    def _too_big(self, pkt: bytes, info: packet.PacketInfo, sa: SecurityAssociation, out: bytes,
+    def _too_big(self, pkt: bytes, info: packet.PacketInfo, sa: SecurityAssociation, out_len: int,
                  mtu: int) -> Decision | None:
         """RFC 4301 §8: DF set (IPv4) or IPv6 that would not have been fragmented → tell the sender.
 
@@ -347,8 +385,7 @@ class Pipeline:
                 return None
         elif len(pkt) > mtu and info.proto != PROTO_TCP:
             return None
-        overhead = len(out) - len(pkt)
-        inner_mtu = self._inner_mtu(sa, mtu, overhead)
+        inner_mtu = inner_mtu_for(sa, mtu, info.header_len)
         if info.version == 6 and inner_mtu < IPV6_MIN_MTU:
             # IPv6 senders ignore a PTB below 1280: the tunnel fragments the outer packet instead
             # (RFC 2473 §7.1)
@@ -361,14 +398,6 @@ class Pipeline:
                 actions.append(SendIcmp(info.version, info.src, msg))
         return Decision(NF_DROP, None, actions, f"too big after encapsulation (path MTU {mtu}, inner MTU {inner_mtu})",
                         None, sa.name)
-
-    @staticmethod
-    def _inner_mtu(sa: SecurityAssociation, mtu: int, overhead: int) -> int:
-        """Largest inner packet that still fits: this packet's overhead plus worst-case padding."""
-        block = int(getattr(sa.transform, "block_size", 4) or 4)
-        inner = mtu - overhead - (block - 1)
-        inner -= inner % 4
-        return max(inner, IPV4_MIN_MTU)
 
     def _fragment(self, out: bytes, family: int, mtu: int) -> list[bytes]:
         if len(out) <= mtu:

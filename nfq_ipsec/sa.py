@@ -145,7 +145,7 @@ class SecurityAssociation:
         "_clock", "_created", "_decap", "_encap", "_hard_limits", "_limited", "_seq_out", "_seq_reported",
         "_soft_limits", "aead", "auth", "counters", "dst", "dst_packed", "enc", "esn", "family", "icv_len",
         "lifetime", "mode", "name", "on_event", "proto", "proto_num", "replay", "spi", "src", "src_packed",
-        "state", "tfc_pad", "transform",
+        "state", "tfc_pad", "ah_align", "transform",
     )
 
     def __init__(
@@ -169,6 +169,7 @@ class SecurityAssociation:
         seq_start: int = 0,
         lifetime: Lifetime = Lifetime(),
         tfc_pad: int = 0,
+        ah_align: int = 0,
         on_event: Callable[[SaEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -238,6 +239,15 @@ class SecurityAssociation:
         if tfc_pad and (proto != "esp" or mode != "tunnel"):
             raise ValueError(f"SA {name}: tfc_pad is only possible with ESP in tunnel mode (RFC 4303 §2.7)")
         self.tfc_pad = tfc_pad
+        # AH header alignment: 0 = RFC 4302's minimum (4 bytes for IPv4, 8 for IPv6); 8 makes IPv4 AH
+        # 64-bit aligned as stock Linux sends and expects (without its `flag align4`).
+        if ah_align not in (0, 4, 8) or isinstance(ah_align, bool):
+            raise ValueError(f"SA {name}: ah_align must be 4 or 8, got {ah_align!r}")
+        if ah_align and proto != "ah":
+            raise ValueError(f"SA {name}: ah_align only applies to AH SAs")
+        if ah_align == 4 and self.family == 6:
+            raise ValueError(f"SA {name}: IPv6 AH is always 8-byte aligned (RFC 4302 §2.6); ah_align 4 is IPv4 only")
+        self.ah_align = ah_align
         if icv_len is not None:
             _check_int(f"SA {name}: icv_len", icv_len, 1, 64)
         key = _check_key(f"SA {name}: key", key)

@@ -658,7 +658,7 @@ class Supervisor:
             return {"policies": merge_policy_lists({i: r["policies"]
                                                     for i, r in self._call_all("policy-list").items()})}
         if cmd == "explain":
-            return {"explain": control.explain(self.spd, req)}
+            return {"explain": control.explain(self.spd, req, self.sad)}  # configuration view of the SAs
         if cmd in ("sa-add", "policy-add"):
             return self._add(req)
         if cmd in ("sa-remove", "policy-remove"):

@@ -203,7 +203,8 @@ class Keyed:
         for sk, src, dst, reqid, seq_kw in ((self.k2o, e.uml_outer, e.ours_outer, 1, "replay-oseq"),
                                             (self.o2k, e.ours_outer, e.uml_outer, 2, "replay-seq")):
             opts = f"replay-window {c.replay_window}"
-            flags = (["esn"] if c.esn else []) + (["align4"] if c.proto == "ah" and c.outer == 4 and c.ah_align4 else [])
+            ah_align4 = c.proto == "ah" and c.outer == 4 and c.ah_align4
+            flags = [f for f, on in (("esn", c.esn), ("align4", ah_align4)) if on]
             if flags:
                 opts += " flag " + " ".join(flags)
             if c.seq_start:
@@ -243,6 +244,8 @@ class Keyed:
             out += [f'auth = "{a.auth}"', f'auth_key = "{_hex(sk.auth_key)}"']
         if c.icv_len is not None:
             out.append(f"icv_len = {c.icv_len}")
+        if c.proto == "ah" and c.outer == 4 and not c.ah_align4:
+            out.append("ah_align = 8")  # as stock Linux (no `flag align4`) sends and expects
         out.append(f"replay_window = {c.replay_window}")
         if c.esn:
             out.append("esn = true")
@@ -270,7 +273,7 @@ class Keyed:
         hb = e.host_bits_inner
         for d, src, dst, sa in (("out", e.ours_inner, e.uml_inner, "o2k"), ("in", e.uml_inner, e.ours_inner, "k2o"),
                                 ("fwd", e.uml_inner, e.ours_inner, "k2o")):
-            lines += ["[[policy]]", f'name = "{d}-{c.name}"', f'dir = "{d}"', f'src = "{src}/{hb}"',
+            lines += ["[[policy]]", f'name = "{d}-protect"', f'dir = "{d}"', f'src = "{src}/{hb}"',
                       f'dst = "{dst}/{hb}"', 'proto = "any"', 'action = "protect"', f'sa = "{sa}"',
                       "priority = 1000", ""]
         return "\n".join(lines)
@@ -341,9 +344,8 @@ MATRIX: tuple[Cell, ...] = (
 )
 
 # every suite, for checking the generated kernel configuration against scapy (no engine needed)
-REFERENCE: tuple[Cell, ...] = tuple(
-    Cell(f"ref-{name}", alg=name, proto="ah" if name.startswith("ah-") else "esp") for name in ALGS
-) + (
+REFERENCE: tuple[Cell, ...] = (
+    *(Cell(f"ref-{name}", alg=name, proto="ah" if name.startswith("ah-") else "esp") for name in ALGS),
     Cell("ref-aes-gcm-256-icv12", alg="aes-gcm-256", icv_len=12),
     Cell("ref-tunnel-v6", mode="tunnel", outer=6),
     Cell("ref-tunnel-6in4", mode="tunnel", outer=4, inner=6),

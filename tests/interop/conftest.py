@@ -46,16 +46,33 @@ class Bed:
         ns.run(["ip", "-6", "addr", "add", f"{OURS_INNER6}/128", "dev", "lo"])
         ns.run(["ip", "route", "add", f"{UML_INNER4}/32", "via", UML_LINK4, "src", OURS_INNER4])
         ns.run(["ip", "-6", "route", "add", f"{UML_INNER6}/128", "via", UML_LINK6, "src", OURS_INNER6])
-        self.uml = UmlPeer(ns, self.tap, tmp / "uml")
-        self.uml.start()
+        self.boots = 0
+        self.uml = self._boot()
         self._engine: EngineProcess | None = None
         self.config_path = tmp / "none.toml"
         self._n = 0
 
+    def _boot(self) -> UmlPeer:
+        self.boots += 1
+        uml = UmlPeer(self.ns, self.tap, self.tmp / f"uml{self.boots}")
+        uml.start()
+        return uml
+
+    def peer(self) -> UmlPeer:
+        """The UML kernel, booted again if a previous test killed it (the next tests still get one)."""
+        if not self.uml.alive():
+            self.uml.stop()
+            self.uml = self._boot()
+        return self.uml
+
     def start_engine(self, keyed: Keyed) -> EngineProcess:
         """Configure both sides for one cell: kernel SAs/policies, then our engine with the mirror TOML."""
         self.stop_engine()
+        self.peer()
         self._n += 1
+        # forget path MTUs learnt in earlier cells: every cell starts from the link MTU
+        self.ns.run(["ip", "route", "flush", "cache"])
+        self.ns.run(["ip", "-6", "route", "flush", "cache"])
         self.uml.xfrm_apply(keyed.kernel_batch())
         sock = str(self.tmp / f"e{self._n}.sock")
         self.config_path = conf = self.tmp / f"cell{self._n}-{keyed.cell.name}.toml"

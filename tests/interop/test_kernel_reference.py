@@ -109,7 +109,7 @@ def test_kernel_esp_decrypts_with_scapy_and_accepts_scapy_esp(bed: Bed, capture,
 
     keyed = cell.materialize()
     e = keyed.endpoints
-    bed.uml.xfrm_apply(keyed.kernel_batch())
+    bed.peer().xfrm_apply(keyed.kernel_batch())
     v6 = cell.inner_family == 6
     ping = "ping -6" if v6 else "ping"
     with capture(f"ref-{cell.name}") as cap:

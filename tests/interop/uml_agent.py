@@ -40,7 +40,7 @@ class Job:
     def __init__(self, req: dict[str, Any], res_dir: str) -> None:
         self.id = str(req["id"])
         self.res_path = os.path.join(res_dir, self.id + ".json")
-        self.out: IO[bytes] = open(os.path.join(res_dir, self.id + ".out"), "wb")  # noqa: SIM115
+        self.out: IO[bytes] = open(os.path.join(res_dir, self.id + ".out"), "wb")
         self.t0 = time.monotonic()
         self.deadline = self.t0 + float(req.get("timeout", 30))
         self.proc = subprocess.Popen(["/bin/sh", "-c", str(req["sh"])], stdin=subprocess.DEVNULL,

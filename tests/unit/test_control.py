@@ -256,33 +256,49 @@ def test_oversized_line_with_newline_is_refused(h: Harness) -> None:
 
 
 def test_client_that_never_reads_cannot_stall_the_engine(h: Harness) -> None:
-    """Thousands of pipelined requests, replies never read: every wake-up stays short, the
-    client is dropped when its queue exceeds the limit, and other clients are served meanwhile."""
+    """Thousands of pipelined requests whose replies are never read: every wake-up stays short,
+    the client's queued replies stay bounded (it is held back, not served without end), and
+    another client is served at once meanwhile."""
     greedy = h.connect()
     greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     polite = h.connect()
     req = b'{"cmd": "stats"}\n' * 3000 + b'{"cmd": "policy-list"}\n' * 3000
-    sent = 0
-    t_end = time.monotonic() + 15
-    while sent < len(req) and time.monotonic() < t_end:
+    _send_all_nonblocking(greedy, req, h)
+    h.pump(0.5)
+    (held,) = [c for c in h.server.clients if c.buf]
+    before = (len(held.buf), len(held.outbuf))
+    h.pump(0.3)
+    # held back: its socket is full, so no more of its requests are served and nothing piles up
+    assert (len(held.buf), len(held.outbuf)) == before
+    assert b"\n" in held.buf and len(held.outbuf) <= control.BACKPRESSURE + control.MAX_REQUESTS_PER_EVENT * 65536
+    t0 = time.monotonic()
+    (pong,) = h.call(polite, b'{"cmd": "ping"}\n')
+    assert pong["ok"] and time.monotonic() - t0 < 0.5
+    assert h.slowest < 0.25, h.slowest
+    # once it reads, it is served again: all 6,000 replies arrive
+    lines = 0
+    deadline = time.monotonic() + 20
+    while lines < 6000 and time.monotonic() < deadline:
+        h.pump(0.002)
         try:
-            sent += greedy.send(req[sent : sent + 65536])
+            lines += greedy.recv(1 << 20).count(b"\n")
         except BlockingIOError:
             pass
-        except OSError:
-            break  # dropped by the engine
-        h.pump(0.005)
-        if greedy.fileno() >= 0 and not any(cc.sock.fileno() >= 0 and cc.sock is not None for cc in h.server.clients
-                                             if cc.sock.getpeername() == polite.getsockname()):
-            pass
-    (pong,) = h.call(polite, b'{"cmd": "ping"}\n')
-    assert pong["ok"]
-    h.pump(0.5)
+    assert lines == 6000
     assert h.slowest < 0.25, h.slowest
-    # the greedy client was dropped (or is still held back with a bounded queue)
-    for cc in h.server.clients:
-        assert len(cc.outbuf) <= control.MAX_OUTBUF
-    assert len(h.server.clients) <= 2
+
+
+def test_replies_piling_up_past_the_limit_drop_the_client(h: Harness) -> None:
+    c = h.connect()
+    (conn,) = h.server.clients
+    big = {"ok": True, "blob": "x" * (1 << 20)}
+    conn.send(big)  # a single large reply is fine even if it exceeds the limit on its own
+    assert not conn.closed
+    for _ in range(8):
+        conn.send(big)
+    assert conn.closed and conn not in h.server.clients
+    assert len(conn.outbuf) <= control.MAX_OUTBUF
+    c.close()
 
 
 def test_connection_limit(h: Harness) -> None:
@@ -484,3 +500,64 @@ def test_non_root_client_is_refused_with_a_clear_message(h: Harness) -> None:
     assert "permission denied: the control socket is root-only (uid 65534)" in err, (p.returncode, out, err)
     assert "Traceback" not in err
     assert h.server.clients == set()
+
+
+class _EndlessQueue:
+    """A queue that always has a full batch waiting (sustained overload) for `busy` seconds."""
+
+    def __init__(self, busy: float) -> None:
+        self.rfd, self.wfd = os.pipe()
+        os.write(self.wfd, b"x")  # always readable
+        self.until = time.monotonic() + busy
+        self.queue_num = 0
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.rfd
+
+    def process(self, cb: Any, max_packets: int = 64) -> int:
+        self.calls += 1
+        time.sleep(0.0002)  # the work of a batch
+        return max_packets if time.monotonic() < self.until else 0
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+@pytest.mark.xfail(strict=True, reason="engine.py run(): `while obj.process(cb, BATCH) == BATCH` never leaves a "
+                   "queue that stays full, so under sustained overload the control socket, SIGTERM and SA "
+                   "expiry polling wait until the load ends (fix: bound the loop in time, see the report)")
+def test_engine_loop_keeps_serving_control_and_stop_under_sustained_overload(tmp_path: Path) -> None:
+    import threading
+
+    engine = Engine(parse_config(CONFIG, source="<test>"), manage_hooks=False)
+    q = _EndlessQueue(busy=2.5)
+    engine.queues = [q]
+    engine.control = control.ControlServer(str(tmp_path / "run" / "e.sock"), engine)
+    answered: list[float] = []
+
+    def client() -> None:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        c = control.ControlClient(engine.control.path.as_posix(), timeout=10)  # type: ignore[union-attr]
+        c.call("ping")
+        answered.append(time.monotonic() - t0)
+        c.close()
+        time.sleep(0.1)
+        engine.request_stop()
+
+    t = threading.Thread(target=client, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        engine.run()
+    finally:
+        ran = time.monotonic() - t0
+        t.join(10)
+        engine.shutdown()
+    assert answered and answered[0] < 1.0, answered
+    assert ran < 2.0, ran  # stopped soon after request_stop, not when the load ended

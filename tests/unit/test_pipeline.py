@@ -268,3 +268,28 @@ def test_ipv6_bypass_by_default(env) -> None:  # type: ignore[no-untyped-def]
     pkt = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP())
     for hook in (HOOK_INPUT, HOOK_OUTPUT, HOOK_FORWARD):
         assert pipe.process(hook, pkt).verdict == NF_ACCEPT
+
+
+@pytest.mark.parametrize("name", ["a-b", "b-a", "gw-out"])
+def test_encapsulated_len_predicts_the_real_length(name: str) -> None:
+    """The MTU check runs before encryption (no sequence number spent on a packet that is too big)."""
+    from nfq_ipsec import packet
+    from nfq_ipsec.pipeline import encapsulated_len, inner_mtu_for
+
+    sa = _peer(name)
+    src, dst = ("192.0.2.1", "192.0.2.2") if sa.mode == "transport" else ("192.0.2.10", "192.0.2.130")
+    for size in (0, 1, 2, 3, 13, 14, 15, 16, 17, 100, 1000, 1399, 1400, 1401, 1402, 1403):
+        pkt = bytes(IP(src=src, dst=dst) / UDP() / (b"p" * size))
+        hl = packet.parse(pkt).header_len
+        assert encapsulated_len(sa, len(pkt), hl) == len(sa.protect(pkt)), size
+    m = inner_mtu_for(sa, 1500, 20)
+    assert encapsulated_len(sa, m, 20) <= 1500 < encapsulated_len(sa, m + 1, 20)
+
+
+def test_too_big_spends_no_sequence_number(env) -> None:  # type: ignore[no-untyped-def]
+    pipe, counters, _ = env
+    sa = pipe.sad.get("gw-out")
+    before = (sa.seq, sa.counters.packets)
+    big = bytes(IP(src="192.0.2.10", dst="192.0.2.130", flags="DF") / UDP() / (b"z" * 1472))
+    assert pipe.process(HOOK_FORWARD, big).verdict == NF_DROP
+    assert (sa.seq, sa.counters.packets) == before

@@ -10,6 +10,7 @@ The pure parts (assignment, merging, state carried over a restart) are checked f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -102,7 +103,7 @@ def test_resume_never_reuses_a_sequence_number_nor_accepts_a_replay() -> None:
     assert sa.next_seq() > 1000 + int(0.5 * 10_000)  # what could have been sent since the poll
     assert sa.counters.packets == 1000 and sa.age >= 30.0
     for seq in (500, 437, 1):
-        with pytest.raises(Exception, match="replayed|outside"):
+        with pytest.raises(Exception, match=r"replayed|outside"):
             sa.replay.check(seq)
     assert sa.replay.check(501) == 501
     dead = _sa("d", 0x201)
@@ -146,7 +147,7 @@ class Supervised:
         self.ns = ns
         self.socket_path = str(tmp / f"{name}.sock")
         self.log_path = tmp / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # closed in stop()
         exe = os.path.join(os.path.dirname(sys.executable), "nfq-ipsec")
         cli = (Path(__file__).resolve().parents[2] / "nfq_ipsec" / "cli.py").read_text()
         # the CLI dispatches to the supervisor once it knows about it; until then, the same code directly
@@ -256,6 +257,23 @@ def test_two_workers_each_sa_on_exactly_one_worker(two_tunnels) -> None:  # type
         assert all(listed[n]["worker"] == w for n, w in owners.items())
     rules = ga.run(["iptables-legacy", "-S"]).stdout
     assert "--queue-num 3" in rules and "--queue-num 4" in rules, rules
+    # trace through the main socket relays the workers' events
+    tracer = control.ControlClient(sa_.socket_path)
+    try:
+        assert tracer.call("trace")["workers"] == 2
+        for dst in (HB1, HB2):
+            ping(ha, dst, count=1)
+        tracer.sock.settimeout(5)
+        seen: set[str] = set()
+        for _ in range(12):  # each ping: out at FORWARD, ESP reply at INPUT, decrypted reply at FORWARD
+            ev = json.loads(tracer.file.readline())
+            assert "hook" in ev and "verdict" in ev, ev
+            seen.add(str(ev.get("sa")))
+            if {"a2b-1", "a2b-2"} <= seen:
+                break
+        assert {"a2b-1", "a2b-2"} <= seen, seen  # events of both workers
+    finally:
+        tracer.close()
 
 
 def test_killed_worker_restarts_without_reusing_sequence_numbers(two_tunnels) -> None:  # type: ignore[no-untyped-def]
@@ -287,7 +305,7 @@ def test_killed_worker_restarts_without_reusing_sequence_numbers(two_tunnels) ->
 
 
 def test_sigterm_removes_hooks_and_stops_workers(two_tunnels) -> None:  # type: ignore[no-untyped-def]
-    ha, hb, ga, sa_, sb = two_tunnels
+    _ha, _hb, ga, sa_, _sb = two_tunnels
     pids = [w["pid"] for w in sa_.call("ping")["workers"]]
     assert sa_.stop() == 0, sa_.output()
     assert "NFQIPSEC" not in ga.run(["iptables-legacy", "-S"]).stdout

@@ -64,14 +64,17 @@ def run(config_path: str, socket_path: str | None, log_level: str | None) -> Non
     for w in cfg.warnings:
         logging.getLogger("nfq_ipsec").warning("%s", w)
     from .engine import Engine, EngineError
+    from .hooks import HookError
 
     engine = Engine(cfg, config_path)
     try:
         engine.start()
-    except EngineError as e:
+    except (EngineError, HookError) as e:
         raise click.ClickException(str(e)) from None
     except PermissionError as e:
         raise click.ClickException(f"permission denied ({e}); the engine must run as root") from None
+    except OSError as e:  # e.g. the TUN device or a raw socket could not be created
+        raise click.ClickException(f"start-up failed: {e}") from None
     log = logging.getLogger("nfq_ipsec")
     log.info("engine running: %d SAs, %d policies, queue %d, control socket %s", len(engine.sad.list()),
              len(engine.spd.list()), cfg.engine.queue_num, cfg.engine.control_socket)
@@ -234,7 +237,12 @@ def sa_remove(config_path: str | None, socket_path: str | None, name: str) -> No
 def _add_file(config_path: str | None, socket_path: str | None, file: str, cmd: str) -> None:
     from pathlib import Path
 
-    text = Path(file).read_text()
+    try:
+        text = Path(file).read_text()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise click.ClickException(f"{file}: cannot read: {e.strerror}") from None
     reply = _call(config_path, socket_path, cmd, toml=text, base_dir=str(Path(file).resolve().parent), source=file)
     click.echo("added " + ", ".join(reply.get("added", [])))
 

@@ -33,6 +33,7 @@ from .spd import Spd
 log = logging.getLogger("nfq_ipsec")
 
 BATCH = 64
+LOOP_BUDGET = 0.05  # seconds spent on one queue before looking at the other file descriptors again
 
 
 class EngineError(Exception):
@@ -202,7 +203,11 @@ class Engine:
                         obj.handle_ready(sel)
                     else:
                         try:
-                            while obj.process(cb, BATCH) == BATCH:
+                            # bounded: under sustained overload the queue never runs dry, and the
+                            # control socket, signals and lifetime polling must still get their turn
+                            budget = time.monotonic() + LOOP_BUDGET
+                            while (obj.process(cb, BATCH) == BATCH and not self._stop
+                                   and time.monotonic() < budget):
                                 pass
                         except Exception as e:  # the binding already dropped that packet (fail closed)
                             self.counters.inc("NfqEngineError")

@@ -23,6 +23,7 @@ the environment (is an address local? what is the path MTU?) is injected as call
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,10 +99,8 @@ ACCEPT = Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass")
 
 
 def _addr_str(family: int, raw: bytes) -> str:
-    import ipaddress
-
     try:
-        return str(ipaddress.ip_address(raw))
+        return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
     except ValueError:
         return raw.hex()
 
@@ -141,8 +140,14 @@ def inner_mtu_for(sa: SecurityAssociation, mtu: int, header_len: int) -> int:
     return lo
 
 
+AuditLine = str | Callable[[], str]
+
+
 class AuditLog:
-    """Rate-limited audit lines: at most `rate` per second, with a summary of what was held back."""
+    """Rate-limited audit lines: at most `rate` per second, with a summary of what was held back.
+
+    A line may be given as a callable that builds it: it is only called when the line is
+    emitted, so a flood of suppressed lines costs a token-bucket check each, nothing more."""
 
     def __init__(self, sink: Callable[[str], None] | None, rate: float = 5.0, burst: int = 10,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -154,7 +159,7 @@ class AuditLog:
         self.last = clock()
         self.suppressed = 0
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: AuditLine) -> None:
         if self.sink is None:
             return
         now = self.clock()
@@ -167,7 +172,7 @@ class AuditLog:
         if self.suppressed:
             self.sink(f"{self.suppressed} audit lines suppressed (rate limit)")
             self.suppressed = 0
-        self.sink(line)
+        self.sink(line if isinstance(line, str) else line())
 
 
 class Pipeline:
@@ -182,7 +187,7 @@ class Pipeline:
         is_local: Callable[[int, bytes], bool],
         path_mtu: Callable[[int, bytes], int],
         icmp_allow: Callable[[], bool] = lambda: True,
-        audit: Callable[[str], None] | None = None,
+        audit: Callable[[AuditLine], None] | None = None,
     ) -> None:
         self.spd = spd
         self.sad = sad
@@ -228,7 +233,7 @@ class Pipeline:
             return ACCEPT if policy is None else Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", name)
         if action is Action.PROTECT:
             self.counters.inc(C.IN_CLEARTEXT_PROTECTED)
-            self.audit(f"input: cleartext {self._flow_str(info)} matches protect policy {name}: dropped")
+            self.audit(lambda: f"input: cleartext {self._flow_str(info)} matches protect policy {name}: dropped")
             return Decision(NF_DROP, None, _NO_ACTIONS, "cleartext packet matches a protect policy", name)
         self.counters.inc(C.XFRM_IN_POL_BLOCK)
         return Decision(NF_DROP, None, _NO_ACTIONS, "discard policy" if policy else "default discard", name)
@@ -238,8 +243,9 @@ class Pipeline:
         if sa is None:
             self.counters.inc(C.XFRM_IN_NO_STATES)
             self.audit(
-                f"input: no SA for {'ESP' if info.proto == PROTO_ESP else 'AH'} spi=0x{info.spi & 0xFFFFFFFF:08x} "
-                f"{_addr_str(info.version, info.src)} -> {_addr_str(info.version, info.dst)}: dropped"
+                lambda: f"input: no SA for {'ESP' if info.proto == PROTO_ESP else 'AH'} "
+                f"spi=0x{info.spi & 0xFFFFFFFF:08x} {_addr_str(info.version, info.src)} -> "
+                f"{_addr_str(info.version, info.dst)}: dropped"
             )
             return Decision(NF_DROP, None, _NO_ACTIONS, f"no SA for spi 0x{info.spi & 0xFFFFFFFF:08x}")
         try:
@@ -260,12 +266,12 @@ class Pipeline:
         if policy is None or policy.action is not Action.PROTECT or policy.sa != sa.name:
             self.counters.inc(C.XFRM_IN_TMPL_MISMATCH)
             why = (
-                f"inner packet {self._flow_str(iinfo)} matches no {direction.value} protect policy of SA {sa.name}"
+                f"inner packet matches no {direction.value} protect policy of SA {sa.name}"
                 if policy is None or policy.action is not Action.PROTECT
-                else f"inner packet {self._flow_str(iinfo)} matches policy {policy.name} of SA {policy.sa}, "
-                f"not {sa.name}"
+                else f"inner packet matches policy {policy.name} of SA {policy.sa}, not {sa.name}"
             )
-            self.audit(f"input: {why}: dropped")
+            self.audit(lambda: f"input: {why.replace('inner packet', 'inner packet ' + self._flow_str(iinfo), 1)}: "
+                               "dropped")
             return Decision(NF_DROP, None, _NO_ACTIONS, why, policy.name if policy else None, sa.name)
         policy.counters.account(len(inner))
         if sa.mode == "tunnel":
@@ -307,8 +313,8 @@ class Pipeline:
             faction = fpol.action if fpol is not None else self.spd.default_action(Direction.FWD)
             if faction is Action.PROTECT:
                 self.counters.inc(C.IN_CLEARTEXT_PROTECTED)
-                self.audit(f"forward: cleartext {self._flow_str(info)} matches protect policy "
-                           f"{fpol.name if fpol else '?'}: dropped")
+                self.audit(lambda: f"forward: cleartext {self._flow_str(info)} matches protect policy "
+                                   f"{fpol.name if fpol else '?'}: dropped")
                 return Decision(NF_DROP, None, _NO_ACTIONS, "cleartext packet matches a fwd protect policy",
                                 fpol.name if fpol else None)
             if faction is Action.DISCARD:
@@ -338,7 +344,7 @@ class Pipeline:
             if msg is not None:
                 actions.append(SendIcmp(info.version, info.src, msg))
         self.audit(
-            f"forward: {self._flow_str(info)} discarded by {dirname} policy {name or '(default)'}"
+            lambda: f"forward: {self._flow_str(info)} discarded by {dirname} policy {name or '(default)'}"
             + (", ICMP administratively prohibited sent" if actions else "")
         )
         return Decision(NF_DROP, None, actions, f"discarded by {dirname} policy", name)

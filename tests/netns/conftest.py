@@ -96,7 +96,9 @@ class Capture:
 
     def __enter__(self) -> Capture:
         self.err = open(str(self.path) + ".err", "w+b")
-        self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "-s", "0", "-w", str(self.path)],
+        # --immediate-mode: else libpcap delivers in blocks and the last packets are lost at SIGINT
+        self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0", "-w",
+                                   str(self.path)],
                                   stdout=subprocess.DEVNULL, stderr=self.err)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -264,8 +264,6 @@ def test_hook_install_failure_at_start_up_leaves_nothing(topo, tmp_path):  # typ
     assert "nfqipsec0" not in a.run(["ip", "link"]).stdout
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py run(): only EngineError/PermissionError are turned into a message; "
-                   "a HookError from engine.start() (iptables commit failed) prints a traceback (fix in the report)")
 def test_hook_install_failure_at_start_up_is_one_clear_message(topo, tmp_path):  # type: ignore[no-untyped-def]
     a, _b, _ia, _ib = _pair(topo)
     r = subprocess.run(a.cmd(sys.executable, "-c", FAILING_IP6TABLES, "run", "-c",
@@ -523,8 +521,6 @@ def test_bad_live_changes_are_refused_and_the_engine_keeps_going(topo, engines, 
     assert stats(ea)["counters"].get("NfqEngineError", 0) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py _add_file: Path.read_text() of a non-UTF-8 file raises "
-                   "UnicodeDecodeError, printed as a traceback (fix in the reliability report)")
 def test_live_change_from_a_file_that_is_not_text(tmp_path: Path) -> None:
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b"\xff\xfe\x80 not utf-8")

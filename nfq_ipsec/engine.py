@@ -263,6 +263,7 @@ class Engine:
             "policies": {p.name: p.counters.as_dict() for p in self.spd.list()},
             "queues": queues,
             "send_errors": self.raw.errors if self.raw else 0,
+            "tunnel_drops": self.tun.drops if self.tun else 0,
             "audit_suppressed": self.audit.suppressed,
             "events": list(self.events),
         }

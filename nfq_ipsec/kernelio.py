@@ -52,6 +52,7 @@ class TunDevice:
                 subprocess.run(["sysctl", "-qw", f"{key}={value}"], check=False, capture_output=True)
             subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
             self.ifindex = socket.if_nametoindex(name)
+            self.drops = 0
         except BaseException:
             os.close(self.fd)
             raise
@@ -59,8 +60,8 @@ class TunDevice:
     def write(self, packet: bytes) -> None:
         try:
             os.write(self.fd, packet)
-        except BlockingIOError:
-            pass  # the kernel's backlog is full: like any congested link, drop
+        except OSError:
+            self.drops += 1  # the kernel's backlog is full (or the packet refused): counted, like a congested link
 
     def close(self) -> None:
         if self.fd >= 0:

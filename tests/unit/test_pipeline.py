@@ -287,7 +287,7 @@ def test_encapsulated_len_predicts_the_real_length(name: str) -> None:
 
 
 def test_too_big_spends_no_sequence_number(env) -> None:  # type: ignore[no-untyped-def]
-    pipe, counters, _ = env
+    pipe, _counters, _ = env
     sa = pipe.sad.get("gw-out")
     before = (sa.seq, sa.counters.packets)
     big = bytes(IP(src="192.0.2.10", dst="192.0.2.130", flags="DF") / UDP() / (b"z" * 1472))

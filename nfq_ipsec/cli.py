@@ -304,15 +304,21 @@ def stats(config_path: str | None, socket_path: str | None, as_json: bool, fmt: 
 @main.command()
 @click.option("--scenario", type=click.Choice(["all", "host", "site"]), default="all", show_default=True,
               help="host: two hosts with ESP transport; site: two gateways tunnelling two networks.")
-def demo(scenario: str) -> None:
+@click.option("--peer", type=click.Choice(["nfq-ipsec", "kernel"]), default="nfq-ipsec", show_default=True,
+              help="The other side: another nfq-ipsec, or the Linux kernel's IPsec in user-mode-linux "
+                   "(host-to-host only; needs /usr/bin/linux.uml).")
+def demo(scenario: str, peer: str) -> None:
     """See it work: builds namespaces, runs engines with the shipped rules/, sends ping, UDP
     and TCP through ESP, prints counters and a decrypted sample of the wire, cleans up.
+
+    With --peer kernel the other host is the Linux kernel (ip xfrm, in user-mode-linux),
+    configured from the same description with random keys; traffic runs both ways.
 
     Needs root. Nothing outside the namespaces it creates is touched.
     """
     from .demo import run_demo
 
-    if not run_demo(scenario):
+    if not run_demo(scenario, peer=peer):
         sys.exit(1)
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from nfq_ipsec.netns import EngineProcess, Namespace, Topology
+from nfq_ipsec.umlpeer import UmlPeer, prepare_namespace, uml_missing_reason
 
-from .cells import OURS_INNER4, OURS_INNER6, UML_INNER4, UML_INNER6, UML_LINK4, UML_LINK6, Keyed
-from .umlpeer import UmlPeer, uml_missing_reason
+from .cells import Keyed
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,17 +35,7 @@ class Bed:
         self.topo, self.tmp = topo, tmp
         self.ns: Namespace = topo.add("o")
         self.tap = f"nfqi{topo.tag}"
-        ns = self.ns
-        ns.run(["ip", "tuntap", "add", self.tap, "mode", "tap"])
-        ns.sysctl(f"net.ipv6.conf.{self.tap}.accept_dad", "0")
-        ns.sysctl(f"net.ipv6.conf.{self.tap}.accept_ra", "0")
-        ns.run(["ip", "link", "set", self.tap, "up"])
-        ns.run(["ip", "addr", "add", "198.51.100.1/24", "dev", self.tap])
-        ns.run(["ip", "-6", "addr", "add", "2001:db8:100::1/64", "dev", self.tap, "nodad"])
-        ns.run(["ip", "addr", "add", f"{OURS_INNER4}/32", "dev", "lo"])
-        ns.run(["ip", "-6", "addr", "add", f"{OURS_INNER6}/128", "dev", "lo"])
-        ns.run(["ip", "route", "add", f"{UML_INNER4}/32", "via", UML_LINK4, "src", OURS_INNER4])
-        ns.run(["ip", "-6", "route", "add", f"{UML_INNER6}/128", "via", UML_LINK6, "src", OURS_INNER6])
+        prepare_namespace(self.ns, self.tap)
         self.boots = 0
         self.uml = self._boot()
         self._engine: EngineProcess | None = None

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from nfq_ipsec.config import parse_config
+from nfq_ipsec.umlpeer import parse_xfrm_state
 
 from .cells import MATRIX, REFERENCE, Cell, Keyed
-from .umlpeer import parse_xfrm_state
 
 CELLS = {c.name: c for c in (*MATRIX, *REFERENCE)}
 

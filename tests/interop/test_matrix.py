@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from nfq_ipsec.netns import EngineProcess
+from nfq_ipsec.umlpeer import KernelSa, Result
 
 from .cells import MATRIX, Cell, Keyed
 from .conftest import Bed, Capture
-from .umlpeer import KernelSa, Result
 
 NFQ_IPSEC = str(Path(sys.executable).with_name("nfq-ipsec"))
 TRAFFIC = [sys.executable, "-m", "nfq_ipsec.traffic"]

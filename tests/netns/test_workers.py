@@ -264,14 +264,14 @@ def test_two_workers_each_sa_on_exactly_one_worker(two_tunnels) -> None:  # type
         for dst in (HB1, HB2):
             ping(ha, dst, count=1)
         tracer.sock.settimeout(5)
-        seen: set[str] = set()
+        traced: set[str] = set()
         for _ in range(12):  # each ping: out at FORWARD, ESP reply at INPUT, decrypted reply at FORWARD
             ev = json.loads(tracer.file.readline())
             assert "hook" in ev and "verdict" in ev, ev
-            seen.add(str(ev.get("sa")))
-            if {"a2b-1", "a2b-2"} <= seen:
+            traced.add(str(ev.get("sa")))
+            if {"a2b-1", "a2b-2"} <= traced:
                 break
-        assert {"a2b-1", "a2b-2"} <= seen, seen  # events of both workers
+        assert {"a2b-1", "a2b-2"} <= traced, traced  # events of both workers
     finally:
         tracer.close()
 

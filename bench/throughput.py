@@ -30,7 +30,11 @@ is measured. On a 2-core machine this isolates the handler's per-packet cost fro
 CPU use; the kernel work the verdicts and sends trigger (forwarding to P, TUN re-injection) is
 included. The engine handler is the real `Engine` (configuration, pipeline, side effects, the
 same callback and batch size as `Engine.run`), only its queue is bigger. packets/s counts user
-packets (for d, decrypted packets: each makes two queue passes).
+packets (for d, decrypted packets: each makes two queue passes). All handlers of a, b, c, d, f stay
+bound and one iptables rule selects which sees the traffic, so their rounds interleave and the
+host's noise hits them alike (best of --rounds kept); drains run SCHED_FIFO (--no-rt: not) so other
+jobs do not take the handlers' cores. The scaling table also shows "machine x": what the machine
+gave as many CPU-bound processes at that time, the bound on any scaling.
 
 Latency is measured at light load (one packet per `--latency-interval`, default 1 ms): the sender
 stamps each packet (CLOCK_REALTIME, just before send()), the receiver takes the kernel's receive

@@ -64,6 +64,16 @@ def run(config_path: str, socket_path: str | None, log_level: str | None) -> Non
     for w in cfg.warnings:
         logging.getLogger("nfq_ipsec").warning("%s", w)
     from .engine import Engine, EngineError
+
+    if cfg.engine.workers > 1:
+        # one process per queue, each SA pinned to one of them (one sequence-number space per SA)
+        from .supervisor import run_workers
+
+        try:
+            run_workers(cfg, config_path)  # blocks until SIGTERM/SIGINT, then removes the hooks
+        except EngineError as e:
+            raise click.ClickException(str(e)) from None
+        return
     from .hooks import HookError
 
     engine = Engine(cfg, config_path)

@@ -230,13 +230,14 @@ class Engine:
     def _execute(self, actions: list[Any]) -> None:
         raw, tun = self.raw, self.tun
         for a in actions:
-            if isinstance(a, InjectTunnel):
-                if tun is not None:
-                    tun.write(a.packet)
-            elif isinstance(a, SendPacket):
+            kind = type(a)
+            if kind is SendPacket:
                 if raw is not None:
                     for p in a.packets:
                         raw.send_ip(a.family, p, a.dst)
+            elif kind is InjectTunnel:
+                if tun is not None:
+                    tun.write(a.packet)
             elif isinstance(a, SendIcmp) and raw is not None:
                 raw.send_icmp(a.family, a.dst, a.message)
 

@@ -439,6 +439,10 @@ def plan(settings: HookSettings, spd: _Spd, sad: _Sad,
             rules.append(_catch_all(fam, c_out, queue(0), "out"))
         # FWD: checked against fwd policies on arrival and out policies on departure
         rules.append(Rule(fam, c_fwd, matches=(mark_rule,), target="RETURN"))
+        if tunnel:
+            # decrypted tunnel traffic re-injected by the engine: its fwd and out checks were
+            # already made at decryption (one queue pass per packet, not two)
+            rules.append(Rule(fam, c_fwd, in_iface=tunnel, target="RETURN"))
         for p in by_dir["fwd"] + by_dir["out"]:
             if fam in _selector_families(p.selector):
                 rules.append(_selector_rule(fam, c_fwd, p.selector, policy_queue(p), COMMENT_PREFIX + p.name))

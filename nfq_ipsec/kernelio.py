@@ -86,6 +86,7 @@ class RawSender:
         self.icmp4 = self._sock(socket.AF_INET, socket.IPPROTO_ICMP)
         self.icmp6 = self._sock(socket.AF_INET6, socket.IPPROTO_ICMPV6)
         self.errors = 0
+        self._addrs: dict[bytes, tuple[str, int]] = {}  # packed destination -> sendto() address
 
     def _sock(self, family: int, proto: int) -> socket.socket:
         s = socket.socket(family, socket.SOCK_RAW, proto)
@@ -94,11 +95,13 @@ class RawSender:
         return s
 
     def send_ip(self, family: int, packet: bytes, dst: bytes) -> None:
+        addr = self._addrs.get(dst)
+        if addr is None:  # inet_ntop and a tuple per packet cost more than the dict lookup
+            if len(self._addrs) > 4096:
+                self._addrs.clear()
+            addr = self._addrs[dst] = (socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, dst), 0)
         try:
-            if family == 4:
-                self.ip4.sendto(packet, (socket.inet_ntop(socket.AF_INET, dst), 0))
-            else:
-                self.ip6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, dst), 0))
+            (self.ip4 if family == 4 else self.ip6).sendto(packet, addr)
         except OSError:
             self.errors += 1
 

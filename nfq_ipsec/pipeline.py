@@ -197,6 +197,12 @@ class Pipeline:
         self.icmp_allow = icmp_allow
         self.audit = audit or (lambda line: None)
         self._ident = 0
+        # FORWARD flow cache: bytes 12..24 of an option-less IPv4 header (addresses and ports) -> the
+        # (protocol, protect policy) they resolved to. Only clean fwd-allowed, out-PROTECT outcomes of
+        # port protocols are cached (those bytes then determine the whole FlowKey); cleared when the
+        # SPD changes. Skips parse() and both SPD lookups for a known flow.
+        self._fwd_cache: dict[bytes, tuple[int, Policy]] = {}
+        self._fwd_gen = -1
 
     # -- entry point -------------------------------------------------------------------------
     def process(self, hook: int, pkt: bytes, from_tunnel: bool = False) -> Decision:
@@ -274,6 +280,13 @@ class Pipeline:
                                "dropped")
             return Decision(NF_DROP, None, _NO_ACTIONS, why, policy.name if policy else None, sa.name)
         policy.counters.account(len(inner))
+        if sa.mode == "tunnel" and direction is Direction.FWD:
+            # Transit traffic: the outbound SPD decides now, as FORWARD would (the hooks let what we
+            # re-inject through the TUN device pass FORWARD unqueued): bypass → hand it to the
+            # kernel to forward; protect (e.g. hub and spoke) → re-encrypt; discard → drop + ICMP.
+            out = self._forward(inner, True)
+            if out.verdict != NF_ACCEPT:
+                return out
         if sa.mode == "tunnel":
             if iinfo.version == 6 and direction is Direction.FWD:
                 # IPv6 routers never fragment, and the sender's fragments were reassembled before
@@ -306,6 +319,17 @@ class Pipeline:
 
     # -- FORWARD -----------------------------------------------------------------------------
     def _forward(self, pkt: bytes, from_tunnel: bool) -> Decision:
+        n = len(pkt)
+        if (not from_tunnel and n >= 24 and pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7])
+                and (pkt[2] << 8 | pkt[3]) == n):  # a header parse() accepts, no options, not a fragment
+            if self._fwd_gen != self.spd.generation:
+                self._fwd_cache.clear()
+                self._fwd_gen = self.spd.generation
+            hit = self._fwd_cache.get(pkt[12:24])
+            if hit is not None and hit[0] == pkt[9]:
+                d = self._protect_cached(pkt, hit[1])
+                if d is not None:
+                    return d
         info = packet.parse(pkt)
         if not from_tunnel:
             # arriving in clear: the fwd SPD must allow it (RFC 4301 §5.2: inbound checks of transit traffic)
@@ -329,7 +353,23 @@ class Pipeline:
         if action is Action.DISCARD:
             return self._discard_and_report(pkt, info, policy, "out")
         assert policy is not None
+        if (not from_tunnel and info.version == 4 and info.header_len == 20 and not info.is_fragment
+                and info.proto in packet.PORT_PROTOCOLS and len(self._fwd_cache) < 4096):
+            self._fwd_cache[pkt[12:24]] = (info.proto, policy)
         return self._protect(pkt, info, policy, local=False)
+
+    def _protect_cached(self, pkt: bytes, policy: Policy) -> Decision | None:
+        """`_protect` for a cached flow through a tunnel SA that fits the path MTU; None: full path."""
+        sa = self.sad.get(policy.sa) if policy.sa else None
+        if sa is None or sa.mode != "tunnel":
+            return None
+        mtu = self.path_mtu(sa.family, sa.dst_packed)
+        if encapsulated_len(sa, len(pkt), 20) > mtu:
+            return None  # too big or to be fragmented: _protect decides
+        out = sa.protect(pkt)
+        policy.counters.account(len(pkt))
+        return Decision(NF_DROP, None, [SendPacket(sa.family, [out], sa.dst_packed)], "protected", policy.name,
+                        sa.name)
 
     def _discard_and_report(self, pkt: bytes, info: packet.PacketInfo, policy: Policy | None, dirname: str) -> Decision:
         from . import icmp

@@ -40,7 +40,7 @@ class Action(StrEnum):
     DISCARD = "discard"
 
 
-_IN, _OUT = Direction.IN, Direction.OUT
+_IN, _OUT, _FWD = Direction.IN, Direction.OUT, Direction.FWD
 
 
 def _network(what: str, value: object) -> IpNetwork | None:
@@ -315,11 +315,13 @@ class Spd:
                 raise ValueError(f"default action for {d.value} cannot be protect (it names no SA)")
         self._policies: dict[str, tuple[int, Policy]] = {}  # name -> (insertion number, policy)
         self._serial = 0
+        self.generation = 0
         self._ordered: dict[Direction, tuple[Policy, ...]] = {d: () for d in Direction}
         self._match: dict[Direction, tuple[tuple[MatchKey, Policy], ...]] = {d: () for d in Direction}
-        self._match_out = self._match_in = self._match[Direction.OUT]
+        self._match_out = self._match_in = self._match_fwd = self._match[Direction.OUT]
 
     def _rebuild(self) -> None:
+        self.generation += 1  # callers caching lookups (the pipeline's flow cache) watch this
         entries = sorted(self._policies.values(), key=lambda e: (e[1].priority, e[0]))
         for d in Direction:
             ordered = tuple(p for _, p in entries if p.dir is d)
@@ -327,6 +329,7 @@ class Spd:
             self._match[d] = tuple((p.selector._key, p) for p in ordered)
         self._match_out = self._match[Direction.OUT]
         self._match_in = self._match[Direction.IN]
+        self._match_fwd = self._match[Direction.FWD]
 
     def add(self, policy: Policy) -> None:
         if policy.name in self._policies:
@@ -363,6 +366,8 @@ class Spd:
             entries = self._match_out
         elif direction is _IN:
             entries = self._match_in
+        elif direction is _FWD:
+            entries = self._match_fwd
         else:
             entries = self._match[Direction(direction)]
         fam, src, dst, proto, sport, dport, itype, icode = flow

@@ -99,7 +99,7 @@ def test_empty_config_all_bypass_exact_rules() -> None:
         assert chain(p, fam, "IN") == [MARK, "-i lo -j RETURN", "-i nfqipsec0 -j RETURN",
                                        "-p esp -j NFQUEUE --queue-num 0", "-p ah -j NFQUEUE --queue-num 0"]
         assert chain(p, fam, "OUT") == [MARK, "-o lo -j RETURN"]
-        assert chain(p, fam, "FWD") == [MARK, "-m conntrack --ctstate INVALID -j RETURN"]
+        assert chain(p, fam, "FWD") == [MARK, "-i nfqipsec0 -j RETURN", "-m conntrack --ctstate INVALID -j RETURN"]
     assert p.chains == {4: ("NFQIPSEC-IN", "NFQIPSEC-OUT", "NFQIPSEC-FWD"),
                         6: ("NFQIPSEC-IN", "NFQIPSEC-OUT", "NFQIPSEC-FWD")}
     assert p.jumps == (("INPUT", "NFQIPSEC-IN"), ("OUTPUT", "NFQIPSEC-OUT"), ("FORWARD", "NFQIPSEC-FWD"))

@@ -293,3 +293,27 @@ def test_too_big_spends_no_sequence_number(env) -> None:  # type: ignore[no-unty
     big = bytes(IP(src="192.0.2.10", dst="192.0.2.130", flags="DF") / UDP() / (b"z" * 1472))
     assert pipe.process(HOOK_FORWARD, big).verdict == NF_DROP
     assert (sa.seq, sa.counters.packets) == before
+
+
+def test_forward_flow_cache_follows_spd_changes(env) -> None:  # type: ignore[no-untyped-def]
+    """The per-flow cache of FORWARD decisions must never outlive a policy change."""
+    from nfq_ipsec.spd import Action, Direction, Policy, Selector
+
+    pipe, _counters, _ = env
+    pkt = bytes(IP(src="192.0.2.10", dst="192.0.2.130") / UDP(sport=4000, dport=5000) / b"data")
+    for _ in range(3):
+        d = pipe.process(HOOK_FORWARD, pkt)
+        assert d.policy == "out-net" and isinstance(d.actions[0], SendPacket)
+    import ipaddress
+
+    pipe.spd.add(Policy(name="stop", dir=Direction.OUT, action=Action.DISCARD, priority=1,
+                        selector=Selector(src=ipaddress.ip_network("192.0.2.0/25"), proto=17)))
+    d = pipe.process(HOOK_FORWARD, pkt)
+    assert d.verdict == NF_DROP and d.policy == "stop"
+    pipe.spd.remove("stop")
+    assert pipe.process(HOOK_FORWARD, pkt).policy == "out-net"
+    # a cached flow still goes through the SA: sequence numbers advance, the peer opens every packet
+    peer = _peer("gw-out")
+    for _ in range(3):
+        (send,) = pipe.process(HOOK_FORWARD, pkt).actions
+        assert peer.unprotect(send.packets[0]) == pkt  # type: ignore[union-attr]

@@ -284,7 +284,7 @@ class Pipeline:
             # Transit traffic: the outbound SPD decides now, as FORWARD would (the hooks let what we
             # re-inject through the TUN device pass FORWARD unqueued): bypass → hand it to the
             # kernel to forward; protect (e.g. hub and spoke) → re-encrypt; discard → drop + ICMP.
-            out = self._forward(inner, True)
+            out = self._forward(inner, True, iinfo)
             if out.verdict != NF_ACCEPT:
                 return out
         if sa.mode == "tunnel":
@@ -318,7 +318,7 @@ class Pipeline:
         return self._protect(pkt, info, policy, local=True)
 
     # -- FORWARD -----------------------------------------------------------------------------
-    def _forward(self, pkt: bytes, from_tunnel: bool) -> Decision:
+    def _forward(self, pkt: bytes, from_tunnel: bool, parsed: packet.PacketInfo | None = None) -> Decision:
         n = len(pkt)
         if (not from_tunnel and n >= 24 and pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7])
                 and (pkt[2] << 8 | pkt[3]) == n):  # a header parse() accepts, no options, not a fragment
@@ -330,7 +330,7 @@ class Pipeline:
                 d = self._protect_cached(pkt, hit[1])
                 if d is not None:
                     return d
-        info = packet.parse(pkt)
+        info = parsed if parsed is not None else packet.parse(pkt)
         if not from_tunnel:
             # arriving in clear: the fwd SPD must allow it (RFC 4301 §5.2: inbound checks of transit traffic)
             fpol = self.spd.lookup(Direction.FWD, info.flow)

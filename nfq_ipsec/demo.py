@@ -162,46 +162,58 @@ def _summary(engine: EngineProcess, title: str, kernel: dict[str, KernelSa] | No
     return lines
 
 
-def host_to_host(step: Step, tmp: Path, results: list[str]) -> bool:
+def _exercise(step: Step, engines: tuple[EngineProcess, EngineProcess], what: str,
+              wire: tuple[Namespace, str, Path], checks: list[tuple[str, Callable[[], bool]]],
+              title: str, peer_config: Path, results: list[str]) -> bool:
+    """Start both engines, capture the wire, run the checks, then collect counters and a sample."""
+    ea, eb = engines
     ok_all = True
+    try:
+        ea.wait_ready()
+        eb.wait_ready()
+        step(what)
+        ns, ifname, pcap = wire
+        cap = ns.popen(["tcpdump", "-i", ifname, "-n", "-U", "--immediate-mode", "-w", str(pcap)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        for label, fn in checks:
+            ok = fn()
+            ok_all &= ok
+            step(f"{label}: {_ok(ok)}")
+        time.sleep(0.3)
+        cap.send_signal(signal.SIGINT)
+        cap.wait(5)
+        results += _summary(ea, title)
+        results += _wire_sample(pcap, peer_config)
+    finally:
+        ea.stop()
+        eb.stop()
+    return ok_all
+
+
+def host_to_host(step: Step, tmp: Path, results: list[str]) -> bool:
     with Topology("demo") as t:
         a, b = t.add("a"), t.add("b")
         _, ib = t.link(a, ["192.0.2.1/24", "2001:db8:1::1/64"], b, ["192.0.2.2/24", "2001:db8:1::2/64"])
         step("host-to-host: namespaces a (192.0.2.1) and b (192.0.2.2) joined by a veth link")
-        ea = EngineProcess(a, str(rules_path("host-to-host-transport.toml")), str(tmp / "a.sock"), str(tmp / "a.log"))
-        eb = EngineProcess(b, str(rules_path("host-to-host-transport-b.toml")), str(tmp / "b.sock"),
-                           str(tmp / "b.log"))
-        try:
-            ea.wait_ready()
-            eb.wait_ready()
-            step("engines running on both hosts (ESP transport, AES-GCM-128)")
-            pcap = tmp / "h2h.pcap"
-            cap = b.popen(["tcpdump", "-i", ib, "-n", "-U", "-w", str(pcap)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-            for label, fn in (
-                ("ping a -> b (IPv4)", lambda: _ping(a, "192.0.2.2")),
-                ("ping b -> a (IPv6)", lambda: _ping(b, "2001:db8:1::1")),
-                ("UDP echo a -> b", lambda: _udp(a, b, "192.0.2.2", 7001)),
-                ("TCP 1 MB a -> b, content verified", lambda: _tcp(a, b, "192.0.2.2", 1 << 20)),
-                ("ping 8000 bytes (fragmented after encryption)", lambda: _ping(a, "192.0.2.2", 8000)),
-            ):
-                ok = fn()
-                ok_all &= ok
-                step(f"{label}: {_ok(ok)}")
-            time.sleep(0.3)
-            cap.send_signal(signal.SIGINT)
-            cap.wait(5)
-            results += _summary(ea, "host a")
-            results += _wire_sample(pcap, rules_path("host-to-host-transport-b.toml"))
-        finally:
-            ea.stop()
-            eb.stop()
-    return ok_all
+        engines = (
+            EngineProcess(a, str(rules_path("host-to-host-transport.toml")), str(tmp / "a.sock"), str(tmp / "a.log")),
+            EngineProcess(b, str(rules_path("host-to-host-transport-b.toml")), str(tmp / "b.sock"),
+                          str(tmp / "b.log")),
+        )
+        checks = [
+            ("ping a -> b (IPv4)", lambda: _ping(a, "192.0.2.2")),
+            ("ping b -> a (IPv6)", lambda: _ping(b, "2001:db8:1::1")),
+            ("UDP echo a -> b", lambda: _udp(a, b, "192.0.2.2", 7001)),
+            ("TCP 1 MB a -> b, content verified", lambda: _tcp(a, b, "192.0.2.2", 1 << 20)),
+            ("ping 8000 bytes (fragmented after encryption)", lambda: _ping(a, "192.0.2.2", 8000)),
+        ]
+        return _exercise(step, engines, "engines running on both hosts (ESP transport, AES-GCM-128)",
+                         (b, ib, tmp / "h2h.pcap"), checks, "host a",
+                         rules_path("host-to-host-transport-b.toml"), results)
 
 
 def site_to_site(step: Step, tmp: Path, results: list[str]) -> bool:
-    ok_all = True
     with Topology("demo") as t:
         ha, ga, r, gb, hb = t.add("ha"), t.add("ga", True), t.add("r", True), t.add("gb", True), t.add("hb")
         t.link(ha, ["192.0.2.10/25"], ga, ["192.0.2.1/25"])
@@ -213,33 +225,18 @@ def site_to_site(step: Step, tmp: Path, results: list[str]) -> bool:
         ga.run("ip route add default via 203.0.113.254")
         gb.run("ip route add default via 198.51.100.254")
         step("site-to-site: hostA — gwA == router == gwB — hostB (nets 192.0.2.0/25 and 192.0.2.128/25)")
-        ea = EngineProcess(ga, str(rules_path("site-to-site-gw-a.toml")), str(tmp / "ga.sock"), str(tmp / "ga.log"))
-        eb = EngineProcess(gb, str(rules_path("site-to-site-gw-b.toml")), str(tmp / "gb.sock"), str(tmp / "gb.log"))
-        try:
-            ea.wait_ready()
-            eb.wait_ready()
-            step("engines running on both gateways (ESP tunnel, AES-GCM-256)")
-            pcap = tmp / "s2s.pcap"
-            cap = r.popen(["tcpdump", "-i", r_a, "-n", "-U", "-w", str(pcap)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-            for label, fn in (
-                ("ping hostA -> hostB", lambda: _ping(ha, "192.0.2.130")),
-                ("UDP echo hostB -> hostA", lambda: _udp(hb, ha, "192.0.2.10", 7002)),
-                ("TCP 2 MB hostA -> hostB, content verified", lambda: _tcp(ha, hb, "192.0.2.130", 2 << 20)),
-            ):
-                ok = fn()
-                ok_all &= ok
-                step(f"{label}: {_ok(ok)}")
-            time.sleep(0.3)
-            cap.send_signal(signal.SIGINT)
-            cap.wait(5)
-            results += _summary(ea, "gateway A")
-            results += _wire_sample(pcap, rules_path("site-to-site-gw-b.toml"))
-        finally:
-            ea.stop()
-            eb.stop()
-    return ok_all
+        engines = (
+            EngineProcess(ga, str(rules_path("site-to-site-gw-a.toml")), str(tmp / "ga.sock"), str(tmp / "ga.log")),
+            EngineProcess(gb, str(rules_path("site-to-site-gw-b.toml")), str(tmp / "gb.sock"), str(tmp / "gb.log")),
+        )
+        checks = [
+            ("ping hostA -> hostB", lambda: _ping(ha, "192.0.2.130")),
+            ("UDP echo hostB -> hostA", lambda: _udp(hb, ha, "192.0.2.10", 7002)),
+            ("TCP 2 MB hostA -> hostB, content verified", lambda: _tcp(ha, hb, "192.0.2.130", 2 << 20)),
+        ]
+        return _exercise(step, engines, "engines running on both gateways (ESP tunnel, AES-GCM-256)",
+                         (r, r_a, tmp / "s2s.pcap"), checks, "gateway A", rules_path("site-to-site-gw-b.toml"),
+                         results)
 
 
 # -- the Linux kernel as the other host -----------------------------------------------------------

@@ -300,16 +300,23 @@ class Pipeline:
             return Decision(NF_DROP, None, [InjectTunnel(inner)], "decrypted (tunnel)", policy.name, sa.name)
         return Decision(NF_ACCEPT, inner, _NO_ACTIONS, "decrypted", policy.name, sa.name)
 
-    # -- OUTPUT ------------------------------------------------------------------------------
-    def _output(self, pkt: bytes) -> Decision:
-        info = packet.parse(pkt)
+    def _outbound_policy(self, pkt: bytes, info: packet.PacketInfo) -> tuple[Policy | None, Action, Decision | None]:
+        """The `out` SPD decision (OUTPUT and FORWARD): (policy, action, the decision if it is bypass)."""
         policy = self.spd.lookup(Direction.OUT, info.flow)
         action = policy.action if policy is not None else self.spd.default_action(Direction.OUT)
         if action is Action.BYPASS:
-            if policy is not None:
-                policy.counters.account(len(pkt))
-                return Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", policy.name)
-            return ACCEPT
+            if policy is None:
+                return None, action, ACCEPT
+            policy.counters.account(len(pkt))
+            return policy, action, Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", policy.name)
+        return policy, action, None
+
+    # -- OUTPUT ------------------------------------------------------------------------------
+    def _output(self, pkt: bytes) -> Decision:
+        info = packet.parse(pkt)
+        policy, action, bypass = self._outbound_policy(pkt, info)
+        if bypass is not None:
+            return bypass
         if action is Action.DISCARD:
             self.counters.inc(C.XFRM_OUT_POL_BLOCK)
             return Decision(NF_DROP, None, _NO_ACTIONS, "discard policy" if policy else "default discard",
@@ -343,13 +350,9 @@ class Pipeline:
                                 fpol.name if fpol else None)
             if faction is Action.DISCARD:
                 return self._discard_and_report(pkt, info, fpol, "fwd")
-        policy = self.spd.lookup(Direction.OUT, info.flow)
-        action = policy.action if policy is not None else self.spd.default_action(Direction.OUT)
-        if action is Action.BYPASS:
-            if policy is not None:
-                policy.counters.account(len(pkt))
-                return Decision(NF_ACCEPT, None, _NO_ACTIONS, "bypass", policy.name)
-            return ACCEPT
+        policy, action, bypass = self._outbound_policy(pkt, info)
+        if bypass is not None:
+            return bypass
         if action is Action.DISCARD:
             return self._discard_and_report(pkt, info, policy, "out")
         assert policy is not None

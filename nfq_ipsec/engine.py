@@ -40,6 +40,46 @@ class EngineError(Exception):
     """Start-up failed; the message says why and what to do."""
 
 
+class EngineLock:
+    """One engine (or supervisor of workers) per control socket: an flock on `<socket>.lock`,
+    which also records the holder's pid for the refusal message."""
+
+    def __init__(self, control_socket: str) -> None:
+        sock = Path(control_socket)
+        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = sock.with_suffix(".lock")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise EngineError(
+                    f"another nfq-ipsec engine (pid {other}) is already running with control socket {sock}; "
+                    "stop it first (or give this one another [engine] control_socket)"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def close_inherited(self) -> None:
+        """In a forked child: drop our copy of the descriptor; the parent keeps the lock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Engine:
     def __init__(self, config: Config, config_path: str | None = None, *, queue_nums: list[int] | None = None,
                  manage_hooks: bool = True, worker_of: Any = None) -> None:
@@ -81,7 +121,7 @@ class Engine:
         self.raw: RawSender | None = None
         self.tun_ifindex = -1
         self.control: control.ControlServer | None = None
-        self._lock_fd = -1
+        self._lock: EngineLock | None = None
         self._stop = False
         self._hooks_installed = False
         self.started = time.time()
@@ -93,7 +133,7 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         try:
-            self._acquire_lock()
+            self._lock = EngineLock(self.settings.control_socket)
             self.raw = RawSender(self.settings.mark)
             self.tun = TunDevice(self.settings.tunnel_device)
             self.tun_ifindex = self.tun.ifindex
@@ -121,27 +161,6 @@ class Engine:
         hooks.install(plan)
         self._hooks_installed = True
 
-    def _acquire_lock(self) -> None:
-        sock = Path(self.settings.control_socket)
-        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = sock.with_suffix(".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise EngineError(
-                    f"another nfq-ipsec engine (pid {other}) is already running with control socket {sock}; "
-                    "stop it first (or give this one another [engine] control_socket)"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-        self._lock_path = lock
-
     def shutdown(self) -> None:
         """Undo everything start() did, in reverse order; safe to call more than once."""
         if self._hooks_installed:
@@ -165,13 +184,9 @@ class Engine:
         if self.raw is not None:
             self.raw.close()
             self.raw = None
-        if self._lock_fd >= 0:
-            try:
-                os.unlink(self._lock_path)
-            except OSError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         self._stop = True

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -57,7 +55,7 @@ from typing import Any
 
 from . import control, hooks
 from .config import Config
-from .engine import Engine, EngineError
+from .engine import Engine, EngineError, EngineLock
 from .replay import ReplayWindow
 from .sa import DEAD, DYING, SaEvent, SecurityAssociation
 from .sad import Sad
@@ -352,8 +350,7 @@ class Supervisor:
         self.server: _SupervisorServer | None = None
         self.sel: selectors.BaseSelector | None = None
         self.relays: list[_TraceRelay] = []
-        self._lock_fd = -1
-        self._lock_path: Path | None = None
+        self._lock: EngineLock | None = None
         self._hooks_installed = False
         self._stop = False
         self._wake_r: socket.socket | None = None
@@ -364,7 +361,8 @@ class Supervisor:
     def start(self) -> None:
         """Lock, control socket, workers (each bound to its queue), then the hooks; undone on error."""
         try:
-            self._acquire_lock()
+            # the same lock a single engine takes: one of the two per control socket
+            self._lock = EngineLock(self.settings.control_socket)
             self.server = _SupervisorServer(self.settings.control_socket, self)  # type: ignore[arg-type]
             for w in self.workers:
                 self._spawn(w)
@@ -383,24 +381,6 @@ class Supervisor:
             raise EngineError(f"installing the iptables hooks failed: {e}") from None
         self._hooks_installed = True
 
-    def _acquire_lock(self) -> None:
-        sock = Path(self.settings.control_socket)
-        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = sock.with_suffix(".lock")  # the same lock a single engine takes: one of the two
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise EngineError(f"another nfq-ipsec engine (pid {other}) is already running with control socket "
-                                  f"{sock}; stop it first (or give this one another [engine] control_socket)") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd, self._lock_path = fd, lock
-
     def shutdown(self) -> None:
         """Hooks first (as a single engine does), then the workers, the socket and the lock."""
         if self._hooks_installed:
@@ -415,14 +395,9 @@ class Supervisor:
         if self.server is not None:
             self.server.close()
             self.server = None
-        if self._lock_fd >= 0:
-            if self._lock_path is not None:
-                try:
-                    os.unlink(self._lock_path)
-                except OSError:
-                    pass
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _stop_workers(self) -> None:
         for w in self.workers:
@@ -514,8 +489,8 @@ class Supervisor:
         for wake in (self._wake_r, self._wake_w):
             if wake is not None:
                 wake.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # the parent's copy keeps the lock
+        if self._lock is not None:
+            self._lock.close_inherited()  # the parent's copy keeps the lock
 
     def _wait_ready(self, w: _Worker, deadline: float) -> None:
         while True:

@@ -316,13 +316,7 @@ def decapsulate(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
             sa.counters.integrity_failures += 1
             raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "ICV mismatch") from None
         replay.update(seq)
-        padlen = plaintext[-2]
-        nh = plaintext[-1]
-        end = len(plaintext) - 2 - padlen
-        if end < 0 or plaintext[end : end + padlen] != _PADS[padlen]:
-            raise _format_error(sa, counters.IN_PADDING_ERROR, f"bad ESP padding (pad length {padlen})")
-        if nh == NO_NEXT_HEADER:
-            raise Drop(counters.IN_DUMMY_PACKET, "ESP dummy packet (next header 59)")
+        end, nh = _trailer_check(sa, plaintext)
         if sa.mode == "tunnel":
             return _inner_packet(sa, plaintext, end, nh)
         new_total = 20 + end
@@ -339,6 +333,19 @@ def decapsulate(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
 def _format_error(sa: SecurityAssociation, counter: str, reason: str) -> Drop:
     sa.counters.format_errors += 1
     return Drop(counter, reason)
+
+
+def _trailer_check(sa: SecurityAssociation, plaintext: bytes) -> tuple[int, int]:
+    """(end of the payload, next header) of a decrypted ESP payload, after RFC 4303 §2.4's checks:
+    padding bytes 1, 2, 3, ... and no dummy packet (next header 59)."""
+    padlen = plaintext[-2]
+    nh = plaintext[-1]
+    end = len(plaintext) - 2 - padlen
+    if end < 0 or plaintext[end : end + padlen] != _PADS[padlen]:
+        raise _format_error(sa, counters.IN_PADDING_ERROR, f"bad ESP padding (pad length {padlen})")
+    if nh == NO_NEXT_HEADER:
+        raise Drop(counters.IN_DUMMY_PACKET, "ESP dummy packet (next header 59)")
+    return end, nh
 
 
 def _decap(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
@@ -391,13 +398,7 @@ def _decap(sa: SecurityAssociation, packet: bytes | memoryview) -> bytes:
         sa.counters.integrity_failures += 1
         raise Drop(counters.XFRM_IN_STATE_PROTO_ERROR, "ICV mismatch")
     replay.update(seq)
-    padlen = plaintext[-2]
-    nh = plaintext[-1]
-    end = len(plaintext) - 2 - padlen
-    if end < 0 or plaintext[end : end + padlen] != _PADS[padlen]:
-        raise _format_error(sa, counters.IN_PADDING_ERROR, f"bad ESP padding (pad length {padlen})")
-    if nh == NO_NEXT_HEADER:
-        raise Drop(counters.IN_DUMMY_PACKET, "ESP dummy packet (next header 59)")
+    end, nh = _trailer_check(sa, plaintext)
     if sa.mode == "tunnel":
         return _inner_packet(sa, plaintext, end, nh)
     if version == 4:

@@ -19,14 +19,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .netns import EngineProcess, Namespace, Topology
+from .netns import Capture, EngineProcess, Namespace, Topology
 from .render import table
 
 if TYPE_CHECKING:
@@ -173,16 +172,11 @@ def _exercise(step: Step, engines: tuple[EngineProcess, EngineProcess], what: st
         eb.wait_ready()
         step(what)
         ns, ifname, pcap = wire
-        cap = ns.popen(["tcpdump", "-i", ifname, "-n", "-U", "--immediate-mode", "-w", str(pcap)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        for label, fn in checks:
-            ok = fn()
-            ok_all &= ok
-            step(f"{label}: {_ok(ok)}")
-        time.sleep(0.3)
-        cap.send_signal(signal.SIGINT)
-        cap.wait(5)
+        with Capture(ns, ifname, pcap):
+            for label, fn in checks:
+                ok = fn()
+                ok_all &= ok
+                step(f"{label}: {_ok(ok)}")
         results += _summary(ea, title)
         results += _wire_sample(pcap, peer_config)
     finally:
@@ -322,7 +316,6 @@ def host_to_kernel(step: Step, tmp: Path, results: list[str]) -> bool:
              f"({e.uml_outer})")
         uml = UmlPeer(ns, tap, tmp / "uml")
         engine: EngineProcess | None = None
-        cap: subprocess.Popen[bytes] | None = None
         try:
             uml.start()
             release = uml.run("uname -r", timeout=10).out.strip()
@@ -337,9 +330,6 @@ def host_to_kernel(step: Step, tmp: Path, results: list[str]) -> bool:
             engine.wait_ready()
             step("our engine running in the namespace with the mirror configuration (same description, same keys)")
             pcap = tmp / "kernel.pcap"
-            cap = ns.popen(["tcpdump", "-i", tap, "-n", "-U", "-w", str(pcap)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
             ours, theirs = e.ours_inner, e.uml_inner
             checks: tuple[tuple[str, Callable[[], bool]], ...] = (
                 ("ping ours -> kernel", lambda: _ping(ns, theirs)),
@@ -350,27 +340,21 @@ def host_to_kernel(step: Step, tmp: Path, results: list[str]) -> bool:
                 ("TCP 1 MB kernel -> ours, content verified",
                  lambda: _tcp_from_kernel(ns, uml, ours, 1 << 20, 7014)),
             )
-            for label, fn in checks:
-                try:
-                    ok = fn()
-                except (UmlError, subprocess.TimeoutExpired) as err:
-                    ok = False
-                    step(f"{label}: {str(err).splitlines()[0]}")
-                ok_all &= ok
-                step(f"{label}: {_ok(ok)}")
-            time.sleep(0.3)
-            cap.send_signal(signal.SIGINT)
-            cap.wait(5)
-            cap = None
+            with Capture(ns, tap, pcap):
+                for label, fn in checks:
+                    try:
+                        ok = fn()
+                    except (UmlError, subprocess.TimeoutExpired) as err:
+                        ok = False
+                        step(f"{label}: {str(err).splitlines()[0]}")
+                    ok_all &= ok
+                    step(f"{label}: {_ok(ok)}")
             results += _kernel_summary(engine, uml, keyed)
             results += _wire_sample(pcap, conf, max_sas=2)
         except UmlError as err:
             step(f"the Linux kernel peer failed: {err}")
             ok_all = False
         finally:
-            if cap is not None:
-                cap.kill()
-                cap.wait(5)
             if engine is not None:
                 engine.stop()
             uml.stop()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 DOC_NETS = tuple(
     ipaddress.ip_network(n)
@@ -208,3 +210,54 @@ class EngineProcess:
             self.proc.kill()
             self.proc.wait(5)
         self._log.close()
+
+
+class Capture:
+    """tcpdump on one interface of a namespace, for the duration of a `with` block.
+
+    --immediate-mode: without it libpcap hands packets over in blocks and the last ones are lost
+    when tcpdump is stopped -- a leak at the very end of a test would go unseen.
+    """
+
+    def __init__(self, ns: Namespace, ifname: str, path: str | os.PathLike[str]) -> None:
+        self.ns, self.ifname, self.path = ns, ifname, os.fspath(path)
+
+    def __enter__(self) -> Capture:
+        self._err = open(self.path + ".err", "w+b")
+        self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0",
+                                   "-w", self.path], stdout=subprocess.DEVNULL, stderr=self._err)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            self._err.seek(0)
+            if b"listening on" in self._err.read():
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # "listening" is printed a moment before the socket sees packets
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.2)
+        self.proc.send_signal(signal.SIGINT)  # tcpdump flushes and exits
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._err.close()
+
+    def frames(self) -> list[bytes]:
+        """The captured frames as raw bytes (link layer included)."""
+        from scapy.utils import RawPcapReader
+
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return []
+        return [bytes(data) for data, _meta in RawPcapReader(self.path)]
+
+    def packets(self) -> list[Any]:
+        """The captured frames dissected by scapy."""
+        import scapy.all  # noqa: F401  (registers the Ethernet/IP dissectors)
+        from scapy.utils import rdpcap
+
+        pkts = list(rdpcap(self.path))
+        assert all(p.name != "Raw" for p in pkts[:5]), "capture not dissected"
+        return pkts

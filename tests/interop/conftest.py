@@ -7,16 +7,12 @@ engine is started in the namespace with the cell's TOML. See docs/interop.md.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nfq_ipsec.netns import EngineProcess, Namespace, Topology
+from nfq_ipsec.netns import Capture, EngineProcess, Namespace, Topology
 from nfq_ipsec.umlpeer import UmlPeer, prepare_namespace, uml_missing_reason
 
 from .cells import Keyed
@@ -109,40 +105,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         yield b
     finally:
         b.destroy()
-
-
-class Capture:
-    """tcpdump on the tap, for the duration of a `with` block; frames via `frames()`."""
-
-    def __init__(self, ns: Namespace, ifname: str, path: Path) -> None:
-        self.ns, self.ifname, self.path = ns, ifname, path
-
-    def __enter__(self) -> Capture:
-        self.err_path = Path(str(self.path) + ".err")
-        with open(self.err_path, "wb") as err:
-            self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0",
-                                       "-w", str(self.path)],
-                                      stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 5
-        while b"listening on" not in self.err_path.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.2)
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def frames(self) -> list[bytes]:
-        from scapy.utils import RawPcapReader
-
-        if not self.path.exists() or os.path.getsize(self.path) == 0:
-            return []
-        return [bytes(data) for data, _meta in RawPcapReader(str(self.path))]
 
 
 @pytest.fixture

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from nfq_ipsec.netns import EngineProcess
+from nfq_ipsec.netns import Capture, EngineProcess
 from nfq_ipsec.umlpeer import KernelSa, Result
 
 from .cells import MATRIX, Cell, Keyed
-from .conftest import Bed, Capture
+from .conftest import Bed
 
 NFQ_IPSEC = str(Path(sys.executable).with_name("nfq-ipsec"))
 TRAFFIC = [sys.executable, "-m", "nfq_ipsec.traffic"]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nfq_ipsec.netns import EngineProcess, Namespace, Topology
+from nfq_ipsec.netns import Capture, EngineProcess, Namespace, Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "rules"
@@ -86,45 +84,6 @@ def engines(tmp_path: Path) -> Iterator[Engines]:
         yield e
     finally:
         e.stop_all()
-
-
-class Capture:
-    """tcpdump on one interface of a namespace, for the duration of a `with` block."""
-
-    def __init__(self, ns: Namespace, ifname: str, path: Path) -> None:
-        self.ns, self.ifname, self.path = ns, ifname, path
-
-    def __enter__(self) -> Capture:
-        self.err = open(str(self.path) + ".err", "w+b")
-        # --immediate-mode: else libpcap delivers in blocks and the last packets are lost at SIGINT
-        self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0", "-w",
-                                   str(self.path)],
-                                  stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            self.err.seek(0)
-            if b"listening on" in self.err.read():
-                break
-            time.sleep(0.05)
-        time.sleep(0.2)  # "listening" is printed a moment before the socket sees packets
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.2)
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.err.close()
-
-    def packets(self) -> list:  # type: ignore[type-arg]
-        import scapy.all  # noqa: F401  (registers the Ethernet/IP dissectors)
-        from scapy.utils import rdpcap
-
-        pkts = list(rdpcap(str(self.path)))
-        assert all(p.name != "Raw" for p in pkts[:5]), "capture not dissected"
-        return pkts
 
 
 @pytest.fixture

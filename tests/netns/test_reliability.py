@@ -28,37 +28,12 @@ import pytest
 
 from nfq_ipsec.netns import EngineProcess, Namespace, Topology
 
-from .conftest import RULES, Capture, Engines, clear_leaks, config_keys, ping, stats, tcp_transfer, udp_echo
+from .conftest import RULES, Engines, clear_leaks, config_keys, ping, stats, tcp_transfer, udp_echo
 
 A4, B4, A6, B6 = "192.0.2.1", "192.0.2.2", "2001:db8:1::1", "2001:db8:1::2"
 HOSTS = {A4, B4, A6, B6}
 NFQ = os.path.join(os.path.dirname(sys.executable), "nfq-ipsec")
 SPI_A_TO_B, SPI_B_TO_A = 0x1001, 0x1002  # host-to-host-transport*.toml
-
-
-class ImmediateCapture(Capture):
-    """conftest's Capture with tcpdump --immediate-mode: without it libpcap hands packets over in
-    blocks (up to a second late) and the last ones are lost when tcpdump is stopped."""
-
-    def __enter__(self) -> ImmediateCapture:
-        self.err = open(str(self.path) + ".err", "w+b")
-        self.proc = self.ns.popen(["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode", "-s", "0", "-w",
-                                   str(self.path)], stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            self.err.seek(0)
-            if b"listening on" in self.err.read():
-                break
-            time.sleep(0.05)
-        return self
-
-
-@pytest.fixture
-def capture(tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(ns: Namespace, ifname: str, name: str = "cap") -> Capture:
-        return ImmediateCapture(ns, ifname, tmp_path / f"{name}.pcap")
-
-    return make
 
 
 def _pair(topo: Topology) -> tuple[Namespace, Namespace, str, str]:

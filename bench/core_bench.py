@@ -80,7 +80,7 @@ def bench_size(name: str, mode: str, algorithm: dict[str, object], size: int, nu
     def decap() -> bytes:
         nonlocal pos
         if pos == number:
-            in_sa.replay = ReplayWindow(in_sa.replay.size)
+            in_sa.restore(seq=0, age=0.0, replay=ReplayWindow(in_sa.replay.size))
             pos = 0
         pos += 1
         return esp.decapsulate(in_sa, ring[pos - 1])

@@ -61,9 +61,20 @@ typedef struct {
     char *sbuf;
     size_t sbuf_used;
     unsigned int sbuf_msgs;
+    /* the engine's fast path (nfq_ipsec._espcore.FastPath), consulted before the callback */
+    PyObject *fast;
+    int (*fast_handle)(PyObject *fp, int hook, const unsigned char *p, size_t n, unsigned int indev,
+                       PyObject **payload);
     /* statistics */
-    unsigned long long packets, accepted, dropped, mangled, truncated, enobufs, callback_errors, verdict_errors;
+    unsigned long long packets, accepted, dropped, mangled, truncated, enobufs, callback_errors, verdict_errors,
+        fast_packets;
 } NfQueueObject;
+
+/* What nfq_ipsec._espcore exports as the capsule "_FASTPATH_API" (same layout as there). */
+typedef struct {
+    int (*handle)(PyObject *fp, int hook, const unsigned char *p, size_t n, unsigned int indev, PyObject **payload);
+    PyTypeObject *type;
+} FastPathApi;
 
 /* ---------- netlink message builders ---------- */
 
@@ -302,6 +313,7 @@ NfQueue_init(NfQueueObject *self, PyObject *args, PyObject *kwds)
 static void
 NfQueue_dealloc(NfQueueObject *self)
 {
+    Py_CLEAR(self->fast);
     close_socket(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -566,6 +578,28 @@ NfQueue_process(NfQueueObject *self, PyObject *const *args, Py_ssize_t nargs, Py
                 verdict_drop(self, pm.id);
                 continue;
             }
+            if (self->fast != NULL) { /* a flow the engine has decided already: no Python at all */
+                PyObject *np = NULL;
+                int v = self->fast_handle(self->fast, pm.hook, pm.payload, pm.payload_len, pm.indev, &np);
+
+                if (v >= 0) {
+                    self->fast_packets++;
+                    if (np != NULL) {
+                        ensure_room(self, (size_t)PyBytes_GET_SIZE(np));
+                        append_verdict(self, pm.id, (uint32_t)v, PyBytes_AS_STRING(np), (size_t)PyBytes_GET_SIZE(np));
+                        self->mangled++;
+                        Py_DECREF(np);
+                    } else {
+                        ensure_room(self, 0);
+                        append_verdict(self, pm.id, (uint32_t)v, NULL, 0);
+                    }
+                    if (v == NF_ACCEPT)
+                        self->accepted++;
+                    else
+                        self->dropped++;
+                    continue;
+                }
+            }
             stack[0] = PyBytes_FromStringAndSize((const char *)pm.payload, (Py_ssize_t)pm.payload_len);
             if (stack[0] == NULL) {
                 verdict_drop(self, pm.id);
@@ -627,10 +661,10 @@ NfQueue_close(NfQueueObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 NfQueue_stats(NfQueueObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "packets", self->packets, "accepted", self->accepted, "dropped",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "packets", self->packets, "accepted", self->accepted, "dropped",
                          self->dropped, "mangled", self->mangled, "truncated", self->truncated, "enobufs",
                          self->enobufs, "callback_errors", self->callback_errors, "verdict_errors",
-                         self->verdict_errors);
+                         self->verdict_errors, "fast_path", self->fast_packets);
 }
 
 static PyObject *
@@ -655,7 +689,41 @@ static PyMethodDef NfQueue_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+NfQueue_get_fastpath(NfQueueObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->fast != NULL ? self->fast : Py_None);
+}
+
+static int
+NfQueue_set_fastpath(NfQueueObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    FastPathApi *api;
+
+    if (self->in_process) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot change the fast path during process()");
+        return -1;
+    }
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->fast);
+        return 0;
+    }
+    api = PyCapsule_Import("nfq_ipsec._espcore._FASTPATH_API", 0);
+    if (api == NULL)
+        return -1;
+    if (!PyObject_TypeCheck(value, api->type)) {
+        PyErr_Format(PyExc_TypeError, "fastpath must be a nfq_ipsec._espcore.FastPath or None, not %.50s",
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    self->fast_handle = api->handle;
+    Py_XSETREF(self->fast, Py_NewRef(value));
+    return 0;
+}
+
 static PyGetSetDef NfQueue_getset[] = {
+    {"fastpath", (getter)NfQueue_get_fastpath, (setter)NfQueue_set_fastpath,
+     "An _espcore.FastPath handling decided flows before the callback, or None.", NULL},
     {"closed", (getter)NfQueue_get_closed, NULL, "True once close() ran.", NULL},
     {"queue_num", (getter)NfQueue_get_queue_num, NULL, "The NFQUEUE number.", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -1,6 +1,7 @@
 """Type stub for the C extension (see nfq_ipsec/_nfqueue.c and nfq_ipsec/nfqueue.py)."""
 
 from collections.abc import Callable
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -17,6 +18,7 @@ class NfQueue:
     def fileno(self) -> int: ...
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
+    fastpath: Any
     @property
     def closed(self) -> bool: ...
     @property

@@ -13,8 +13,8 @@ Names accepted by the configuration (`ALGORITHMS`):
 Two entry points:
 
 * ``make_transform(aead=, key=, enc=, enc_key=, auth=, auth_key=, icv_len=)`` -> a `Transform` for
-  ESP. ``esp.py`` drives it through ``seal()``/``open()`` (and, for AES-GCM-16 / ChaCha20-Poly1305,
-  calls the AEAD directly through ``fast_encrypt``/``fast_decrypt``); others only read ``name``,
+  ESP. ``esp.py`` drives it through ``seal()``/``open()`` (for AES-GCM-16 / ChaCha20-Poly1305 over
+  IPv4 the SA's C core calls the AEAD object, ``cipher``, itself); others only read ``name``,
   ``iv_len``, ``icv_len``, ``block_size`` and ``integrity`` (the HMAC, None for AEADs). With
   ``auth`` but no ``enc`` it is integrity only, which is what an AH SA gets.
 * ``make_integrity(auth, auth_key, icv_len=None)`` -> an `HmacIntegrity` usable on its own (AH):
@@ -160,14 +160,14 @@ class Transform:
     against ``min_len`` and ``block_size``) and returns the padded plaintext, or None when the
     ICV does not verify.
 
-    For AES-GCM-16 and ChaCha20-Poly1305, ``fast_encrypt``/``fast_decrypt`` are the AEAD's own
-    bound methods and ``nonce_salt`` the nonce prefix (key material: never log it), so esp.py's
-    common case calls the C code directly instead of going through seal()/open() (a Python
-    frame less per packet, measurable at these speeds). They are None / b"" otherwise.
+    For AES-GCM-16 and ChaCha20-Poly1305, ``cipher`` is the AEAD object and ``nonce_salt`` the
+    nonce prefix (key material: never log either): the SA hands them to its C core
+    (``_espcore.EspCore``), which frames ESP around that same object's encrypt()/decrypt().
+    They are None / b"" otherwise.
     """
 
-    __slots__ = ("block_size", "fast_decrypt", "fast_encrypt", "icv_len", "integrity", "iv_len", "min_len",
-                 "name", "nonce_salt", "overhead")
+    __slots__ = ("block_size", "cipher", "icv_len", "integrity", "iv_len", "min_len", "name", "nonce_salt",
+                 "overhead")
     aead: ClassVar[bool] = False
 
     def __init__(self, name: str, iv_len: int, icv_len: int, block_size: int,
@@ -180,8 +180,7 @@ class Transform:
         # ESP header + IV + at least pad length and next header (one block for CBC) + ICV
         self.min_len = 8 + iv_len + (block_size if block_size > 4 else 2) + icv_len
         self.overhead = 8 + iv_len + icv_len  # ESP bytes besides the padded plaintext
-        self.fast_encrypt: Callable[[bytes, Buffer, Buffer], bytes] | None = None
-        self.fast_decrypt: Callable[[bytes, Buffer, Buffer], bytes] | None = None
+        self.cipher: AESGCM | ChaCha20Poly1305 | None = None
         self.nonce_salt = b""
 
     def seal(self, prefix: Buffer, esp_header: bytes, seq_hi: bytes, iv: bytes | None, plaintext: bytes,
@@ -212,8 +211,7 @@ class AeadTransform(Transform):
         super().__init__(name, 8, icv_len, 4)
         self._aead = cipher
         self._salt = salt
-        self.fast_encrypt = cipher.encrypt
-        self.fast_decrypt = cipher.decrypt
+        self.cipher = cipher
         self.nonce_salt = salt
 
     def seal(self, prefix: Buffer, esp_header: bytes, seq_hi: bytes, iv: bytes | None, plaintext: bytes,

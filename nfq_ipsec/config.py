@@ -111,6 +111,7 @@ class EngineSettings:
     log_level: str = "info"
     audit_rate: float = 5.0  # audit log lines per second (drops, policy violations)
     audit_burst: int = 10  # 0 = no audit lines
+    fast_path: bool = True  # decided flows of ESP AEAD IPv4 SAs are handled in C (_espcore.FastPath)
 
     def default_actions(self) -> dict[Direction, Action]:
         """A fresh per-direction dict, as `Spd(...)` takes it."""
@@ -504,6 +505,7 @@ def _parse_engine(doc: _Doc, data: object) -> EngineSettings:
         log_level=t.get_str("log_level", d.log_level, choices=LOG_LEVELS) or d.log_level,
         audit_rate=float(t.get_number("audit_rate", d.audit_rate, 0, 1e6)),
         audit_burst=t.get_int("audit_burst", d.audit_burst, 0, 1_000_000),
+        fast_path=t.get_bool("fast_path", d.fast_path),
     )
 
 

@@ -21,11 +21,12 @@ from types import FrameType
 from typing import Any
 
 from . import control, hooks
+from ._espcore import KIND_INNER, KIND_INPUT_SA, FastPath
 from .config import Config
 from .counters import Counters
 from .icmp import RateLimiter
 from .kernelio import LocalAddresses, PathMtu, RawSender, TunDevice
-from .pipeline import AuditLog, InjectTunnel, Pipeline, SendIcmp, SendPacket
+from .pipeline import HOOK_INPUT, AuditLog, FlowHint, InjectTunnel, Pipeline, SendIcmp, SendPacket
 from .sa import SaEvent
 from .sad import Sad
 from .spd import Spd
@@ -34,6 +35,7 @@ log = logging.getLogger("nfq_ipsec")
 
 BATCH = 64
 LOOP_BUDGET = 0.05  # seconds spent on one queue before looking at the other file descriptors again
+POLL_INTERVAL = 0.5  # seconds between lifetime polls; the fast path relearns its flows as often
 
 
 class EngineError(Exception):
@@ -119,6 +121,8 @@ class Engine:
         self.queues: list[Any] = []
         self.tun: TunDevice | None = None
         self.raw: RawSender | None = None
+        self.fast: FastPath | None = None
+        self._fast_state: tuple[int, int, bool] = (-1, -1, False)
         self.tun_ifindex = -1
         self.control: control.ControlServer | None = None
         self._lock: EngineLock | None = None
@@ -147,6 +151,13 @@ class Engine:
                     self.queues.append(NfQueue(qn, fail_open=self.settings.fail_open))
                 except OSError as e:
                     raise EngineError(f"cannot bind NFQUEUE {qn}: {e}") from None
+            if self.settings.fast_path:
+                # flows the pipeline has decided once are handled in C from then on (see _learn)
+                self.fast = FastPath(self.raw.ip4.fileno(), self.tun.fd, self.tun_ifindex)
+                self.fast.on_drop = self.counters.inc  # replays and forgeries it drops count as in Python
+                for q in self.queues:
+                    q.fastpath = self.fast
+                self.pipeline.learn = True
             self.control = control.ControlServer(self.settings.control_socket, self)
             if self.manage_hooks:
                 self.install_hooks()
@@ -175,6 +186,10 @@ class Engine:
             except Exception:
                 pass
         self.queues = []
+        if self.fast is not None:
+            self.fast.clear()
+            self.fast = None
+            self.pipeline.learn = False
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -209,13 +224,16 @@ class Engine:
                     # time-based lifetimes expire even when no packet uses the SA
                     for sa in self.sad.list():
                         sa.poll_expiry()
-                    next_poll = now + 0.5
-                for key, _ in sel.select(timeout=0.5):
+                    next_poll = now + POLL_INTERVAL
+                    self._fast_sync(relearn=True)
+                for key, _ in sel.select(timeout=POLL_INTERVAL):
                     obj = key.data
                     if obj is self.control:
                         self.control.handle_ready(sel)
+                        self._fast_sync()
                     elif isinstance(obj, control.ClientConn):
                         obj.handle_ready(sel)
+                        self._fast_sync()
                     else:
                         try:
                             # bounded: under sustained overload the queue never runs dry, and the
@@ -236,6 +254,8 @@ class Engine:
         d = self.pipeline.process(hook, payload, indev == self.tun_ifindex)
         if d.actions:
             self._execute(d.actions)
+        if d.hint is not None:
+            self._learn(d.hint)
         if self.tracers:
             control.publish_trace(self, hook, payload, d)
         if d.payload is not None:
@@ -256,6 +276,31 @@ class Engine:
             elif isinstance(a, SendIcmp) and raw is not None:
                 raw.send_icmp(a.family, a.dst, a.message)
 
+    def _learn(self, h: FlowHint) -> None:
+        """Teach the fast path a decision (only after the pipeline has carried it out once)."""
+        fast, core = self.fast, h.sa.core
+        if fast is None or core is None:
+            return
+        counters = tuple(p.counters for p in h.policies)
+        if h.hook == HOOK_INPUT:
+            fast.learn(KIND_INPUT_SA, 50, h.sa.spi, h.outer, core, (), 0)
+            fast.learn(KIND_INNER, h.proto, h.sa.spi, h.flow, core, counters, 0)
+        else:
+            fast.learn(h.hook, h.proto, 0, h.flow, core, counters, h.max_len)
+
+    def _fast_sync(self, relearn: bool = False) -> None:
+        """Keep the fast path's flows true: forget them when the SPD or the SAD changed (control
+        socket), and every POLL_INTERVAL anyway (path MTU, local addresses, time lifetimes move
+        without telling us); off while packets are being traced (tracing sees every packet)."""
+        fast = self.fast
+        if fast is None:
+            return
+        state = (self.spd.generation, self.sad.generation, bool(self.tracers))
+        if relearn or state != self._fast_state:
+            fast.clear()
+            self._fast_state = state
+        fast.enabled = not self.tracers
+
     def _on_sa_event(self, ev: SaEvent) -> None:
         log.warning("SA %s: %s (%s)", ev.sa, ev.kind, ev.reason)
         self.events.append({"time": time.time(), "sa": ev.sa, "kind": ev.kind, "reason": ev.reason})
@@ -272,14 +317,17 @@ class Engine:
             if k is not None:
                 entry["kernel"] = k
             queues.append(entry)
+        fast = self.fast.stats() if self.fast is not None else {}
         return {
             "uptime": round(time.time() - self.started, 3),
             "counters": self.counters.snapshot(),
             "sas": {sa.name: sa.counters.as_dict() for sa in self.sad.list()},
             "policies": {p.name: p.counters.as_dict() for p in self.spd.list()},
             "queues": queues,
-            "send_errors": self.raw.errors if self.raw else 0,
-            "tunnel_drops": self.tun.drops if self.tun else 0,
+            "send_errors": (self.raw.errors if self.raw else 0) + fast.get("send_errors", 0),
+            "tunnel_drops": (self.tun.drops if self.tun else 0) + fast.get("tun_errors", 0),
+            "fast_path": {"enabled": self.fast is not None, "packets": fast.get("packets", 0),
+                          "flows": fast.get("flows", 0)},
             "audit_suppressed": self.audit.suppressed,
             "events": list(self.events),
         }

@@ -84,6 +84,28 @@ class SendIcmp:
 SideEffect = SendPacket | InjectTunnel | SendIcmp
 
 
+@dataclass(slots=True, frozen=True)
+class FlowHint:
+    """A decision that every later packet of the same flow would get: the engine's C fast path
+    may apply it without asking the pipeline again (until the SPD or SAD change).
+
+    Only made for IPv4 packets without options or fragmentation, of a protocol with ports, so
+    that the protocol and header bytes 12..24 (addresses and ports) are the whole flow key.
+    Protect (hook FORWARD/OUTPUT): packets of at most `max_len` bytes go through `sa`.
+    Decrypt (hook INPUT): ESP with `sa.spi` from/to `outer` (source + destination), whose inner
+    packet has this flow, is accepted (tunnel: re-injected; transport: handed back).
+    `policies`: whose counters account each such packet.
+    """
+
+    hook: int
+    proto: int
+    flow: bytes
+    sa: SecurityAssociation
+    policies: tuple[Policy, ...]
+    max_len: int = 0xFFFF
+    outer: bytes = b""
+
+
 @dataclass(slots=True)
 class Decision:
     verdict: int
@@ -92,6 +114,7 @@ class Decision:
     reason: str = ""  # why (for drops: the counter's reason)
     policy: str | None = None
     sa: str | None = None
+    hint: FlowHint | None = None  # set only when Pipeline.learn is on
 
 
 _NO_ACTIONS: list[SideEffect] = []  # shared, never mutated: the common accept path allocates nothing
@@ -203,6 +226,9 @@ class Pipeline:
         # SPD changes. Skips parse() and both SPD lookups for a known flow.
         self._fwd_cache: dict[bytes, tuple[int, Policy]] = {}
         self._fwd_gen = -1
+        # The engine sets this when it has a fast path to teach: decisions that later packets of
+        # the same flow would repeat then carry a FlowHint (see _flow_hint).
+        self.learn = False
 
     # -- entry point -------------------------------------------------------------------------
     def process(self, hook: int, pkt: bytes, from_tunnel: bool = False) -> Decision:
@@ -280,6 +306,7 @@ class Pipeline:
                                "dropped")
             return Decision(NF_DROP, None, _NO_ACTIONS, why, policy.name if policy else None, sa.name)
         policy.counters.account(len(inner))
+        policies: tuple[Policy, ...] = (policy,)
         if sa.mode == "tunnel" and direction is Direction.FWD:
             # Transit traffic: the outbound SPD decides now, as FORWARD would (the hooks let what we
             # re-inject through the TUN device pass FORWARD unqueued): bypass → hand it to the
@@ -287,6 +314,12 @@ class Pipeline:
             out = self._forward(inner, True, iinfo)
             if out.verdict != NF_ACCEPT:
                 return out
+            bypass = self.spd.get(out.policy) if out.policy is not None else None
+            if bypass is not None:
+                policies = (policy, bypass)
+        hint = None
+        if self.learn and sa.core is not None and info.header_len == 20 and info.version == 4:
+            hint = self._flow_hint(HOOK_INPUT, inner, iinfo, sa, policies, 0xFFFF, pkt[12:20])
         if sa.mode == "tunnel":
             if iinfo.version == 6 and direction is Direction.FWD:
                 # IPv6 routers never fragment, and the sender's fragments were reassembled before
@@ -297,8 +330,8 @@ class Pipeline:
                     frags = self._fragment(inner, 6, mtu)
                     return Decision(NF_DROP, None, [InjectTunnel(f) for f in frags], "decrypted (tunnel)",
                                     policy.name, sa.name)
-            return Decision(NF_DROP, None, [InjectTunnel(inner)], "decrypted (tunnel)", policy.name, sa.name)
-        return Decision(NF_ACCEPT, inner, _NO_ACTIONS, "decrypted", policy.name, sa.name)
+            return Decision(NF_DROP, None, [InjectTunnel(inner)], "decrypted (tunnel)", policy.name, sa.name, hint)
+        return Decision(NF_ACCEPT, inner, _NO_ACTIONS, "decrypted", policy.name, sa.name, hint)
 
     def _outbound_policy(self, pkt: bytes, info: packet.PacketInfo) -> tuple[Policy | None, Action, Decision | None]:
         """The `out` SPD decision (OUTPUT and FORWARD): (policy, action, the decision if it is bypass)."""
@@ -359,7 +392,7 @@ class Pipeline:
         if (not from_tunnel and info.version == 4 and info.header_len == 20 and not info.is_fragment
                 and info.proto in packet.PORT_PROTOCOLS and len(self._fwd_cache) < 4096):
             self._fwd_cache[pkt[12:24]] = (info.proto, policy)
-        return self._protect(pkt, info, policy, local=False)
+        return self._protect(pkt, info, policy, local=False, hook=0 if from_tunnel else HOOK_FORWARD)
 
     def _protect_cached(self, pkt: bytes, policy: Policy) -> Decision | None:
         """`_protect` for a cached flow through a tunnel SA that fits the path MTU; None: full path."""
@@ -371,8 +404,11 @@ class Pipeline:
             return None  # too big or to be fragmented: _protect decides
         out = sa.protect(pkt)
         policy.counters.account(len(pkt))
+        hint = None
+        if self.learn and sa.core is not None:
+            hint = self._flow_hint(HOOK_FORWARD, pkt, packet.parse(pkt), sa, (policy,), inner_mtu_for(sa, mtu, 20))
         return Decision(NF_DROP, None, [SendPacket(sa.family, [out], sa.dst_packed)], "protected", policy.name,
-                        sa.name)
+                        sa.name, hint)
 
     def _discard_and_report(self, pkt: bytes, info: packet.PacketInfo, policy: Policy | None, dirname: str) -> Decision:
         from . import icmp
@@ -393,7 +429,9 @@ class Pipeline:
         return Decision(NF_DROP, None, actions, f"discarded by {dirname} policy", name)
 
     # -- protection (OUTPUT and FORWARD) -----------------------------------------------------
-    def _protect(self, pkt: bytes, info: packet.PacketInfo, policy: Policy, local: bool) -> Decision:
+    def _protect(self, pkt: bytes, info: packet.PacketInfo, policy: Policy, local: bool, hook: int = HOOK_OUTPUT
+                 ) -> Decision:
+        """hook: where the packet was seen, for the fast path's hint (0: nowhere it could be learnt)."""
         sa = self.sad.get(policy.sa) if policy.sa else None
         if sa is None:
             self.counters.inc(C.XFRM_OUT_NO_STATES)
@@ -417,7 +455,22 @@ class Pipeline:
         # back as the verdict's payload: the kernel would check it against the path-MTU cache of
         # the inner destination (the same host in transport mode), which our own ICMP lowered.
         frags = self._fragment(out, sa.family, mtu)
-        return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name)
+        hint = None
+        if self.learn and hook and sa.core is not None and len(frags) == 1:
+            header = info.header_len
+            hint = self._flow_hint(hook, pkt, info, sa, (policy,), inner_mtu_for(sa, mtu, header))
+        return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name,
+                        hint)
+
+    @staticmethod
+    def _flow_hint(hook: int, pkt: bytes, info: packet.PacketInfo, sa: SecurityAssociation,
+                   policies: tuple[Policy, ...], max_len: int, outer: bytes = b"") -> FlowHint | None:
+        """The FlowHint for `pkt` (the clear packet), or None if its flow is not one the fast path
+        can recognise by protocol and bytes 12..24 alone."""
+        if (info.version != 4 or info.header_len != 20 or info.is_fragment or info.proto not in packet.PORT_PROTOCOLS
+                or len(pkt) < 24 or pkt[0] != 0x45):
+            return None
+        return FlowHint(hook, info.proto, pkt[12:24], sa, policies, max_len, outer)
 
     def _too_big(self, pkt: bytes, info: packet.PacketInfo, sa: SecurityAssociation, out_len: int,
                  mtu: int) -> Decision | None:

@@ -31,7 +31,8 @@ def format_stats(st: dict[str, Any]) -> str:
     for q in st.get("queues", []):
         k = q.get("kernel") or {}
         out.append(
-            f"queue {q.get('queue')}: packets {q.get('packets', 0)}, truncated {q.get('truncated', 0)}, "
+            f"queue {q.get('queue')}: packets {q.get('packets', 0)} (fast path {q.get('fast_path', 0)}), "
+            f"truncated {q.get('truncated', 0)}, "
             f"enobufs {q.get('enobufs', 0)}, kernel queue_dropped {k.get('queue_dropped', '?')}, "
             f"user_dropped {k.get('user_dropped', '?')}"
         )

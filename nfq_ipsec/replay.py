@@ -1,16 +1,20 @@
 """Anti-replay window (RFC 4303 §3.4.3, RFC 4302 §3.4.3) with ESN inference (RFC 4303 App. A2).
 
-Two bitmap layouts, chosen by window size because CPython favours each in its range
-(measured: ~0.6 vs ~0.8 us per packet at 32-64, ~0.9 vs ~0.8 us at 4096):
+``ReplayWindow`` is implemented in C (nfq_ipsec/_replaywin.c, part of the ``_espcore`` extension):
+it is consulted twice for every inbound packet, from esp.py and ah.py and from the C fast path in
+_espcore.c, which calls it directly without entering Python. tests/unit/replay_model.py keeps the
+former pure-Python implementation as the executable specification; tests/unit/test_replay_c.py
+checks the C window against it, result for result and ``Drop`` reason for reason.
 
-* up to SHIFT_MAX bits, one int where bit d means "top - d seen", shifted on each advance
-  (a few machine words, so the shift is cheap);
-* above that, a ring of 64-bit words in the style of RFC 6479: bit ``seq % ring_bits`` says
-  whether ``seq`` was seen, advancing only clears the words that slide in, so no big integer
-  is shifted or reallocated. One spare word keeps the word holding the oldest in-window
-  sequence number from being the one cleared.
+API: ``ReplayWindow(size, esn=False, initial=0)``; read-only ``size``, ``esn``, ``top``;
+``infer(seq_low)`` (the full value, -1 when impossible), ``check(seq_low)`` (the full value, or
+``Drop(XfrmInStateSeqError, "sequence number 0" | "outside window" | "replayed")``), ``update(seq)``,
+``seen(seq)``. Arguments out of range (seq_low beyond 32 bits, seq beyond 64) raise ValueError.
 
-Either way a packet costs O(1) (a large jump costs at most one pass over the ring).
+One layout for every size, the ring of 64-bit words of RFC 6479: bit ``seq % ring_bits`` says
+whether ``seq`` was seen, advancing only clears the words that slide in (a large jump clears the
+ring once), so a packet costs O(1) and nothing is allocated per packet. One spare word keeps the
+word holding the oldest in-window sequence number from being the one cleared.
 
 Use it in two steps, as RFC 4303 §3.4.3 requires: ``check()`` before the ICV is verified
 (cheap rejection of duplicates and stale packets), ``update()`` only once the ICV verified,
@@ -19,133 +23,11 @@ so forged packets can never move the window.
 
 from __future__ import annotations
 
-from . import counters
-from .errors import Drop
+from ._espcore import ReplayWindow
 
-MAX_WINDOW = 65536  # Linux caps at 4096 (XFRMA_REPLAY_ESN_MAX); larger windows stay O(1) here
-SHIFT_MAX = 256  # up to this size one shifted int is faster than the word ring (measured, CPython 3.11)
-_SEQ32 = 1 << 32
-_SEQ64 = 1 << 64
-_MASK32 = _SEQ32 - 1
+MAX_WINDOW = 65536  # Linux caps at 4096 (XFRMA_REPLAY_ESN_MAX); _replaywin.c has the same value (tested)
+# The size up to which the former Python window used a shifted int instead of the ring; the C window has
+# one layout, but tests/unit/test_replay.py still probes sizes on both sides of this boundary.
+SHIFT_MAX = 256
 
-
-class ReplayWindow:
-    """Sliding window of accepted sequence numbers for one inbound SA.
-
-    ``size`` 0 disables replay protection (every packet is accepted, duplicates and 0 included:
-    RFC 4303 §3.4.3 "no inbound checks", as ``replay-window 0`` does in Linux). ESN needs a
-    window (Linux refuses ESN without one, and A2.2 infers the high bits relative to it).
-    ``initial`` is the starting top: sequence numbers in (initial - size, initial] are still
-    accepted once (the bitmap starts empty, as in Linux when the state is installed with a
-    given ``seq``), the peer's first packet is expected to carry ``initial + 1``.
-    """
-
-    __slots__ = ("_ring", "_ring_mask", "_shift", "_shift_mask", "esn", "size", "top")
-
-    def __init__(self, size: int, esn: bool = False, initial: int = 0) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_WINDOW:
-            raise ValueError(f"replay window size must be an integer in 0..{MAX_WINDOW}, got {size!r}")
-        if esn and size == 0:
-            raise ValueError("replay window size must be > 0 with ESN (as Linux requires)")
-        limit = _SEQ64 if esn else _SEQ32
-        if isinstance(initial, bool) or not isinstance(initial, int) or not 0 <= initial < limit:
-            raise ValueError(f"initial sequence number must be in 0..{limit - 1}, got {initial!r}")
-        self.size = size
-        self.esn = esn
-        self.top = initial
-        self._shift = 0
-        self._shift_mask = (1 << size) - 1 if size <= SHIFT_MAX else 0
-        self._ring: list[int] | None = None
-        self._ring_mask = 0
-        if size > SHIFT_MAX:
-            nwords = 1
-            while nwords < (size + 63) // 64 + 1:
-                nwords <<= 1
-            self._ring_mask = nwords - 1
-            self._ring = [0] * nwords
-
-    def __repr__(self) -> str:
-        return f"ReplayWindow(size={self.size}, esn={self.esn}, top={self.top})"
-
-    def infer(self, seq_low: int) -> int:
-        """The full 64-bit sequence number for a received low half (RFC 4303 App. A2.2).
-
-        Returns -1 when the inferred value is impossible (below 1 or above 2^64-1).
-        Without ESN the received value is the sequence number itself.
-        """
-        if not self.esn:
-            return seq_low
-        top = self.top
-        tl = top & _MASK32
-        th = top >> 32
-        w = self.size
-        if tl >= w - 1:
-            # case A: the window lies within one 2^32 subspace
-            if seq_low < tl - w + 1:
-                th += 1
-        # case B: the window straddles a 2^32 boundary
-        elif seq_low >= ((tl - w + 1) & _MASK32):
-            th -= 1
-        if th < 0 or th > _MASK32:
-            return -1
-        return (th << 32) | seq_low
-
-    def check(self, seq_low: int) -> int:
-        """Reject duplicates and too-old packets before the ICV; return the full sequence number."""
-        if not self.size:
-            return seq_low  # anti-replay off: "no inbound checks are performed" (RFC 4303 §3.4.3)
-        seq = self.infer(seq_low) if self.esn else seq_low
-        if seq <= 0:
-            raise Drop(counters.XFRM_IN_STATE_SEQ_ERROR, "outside window" if seq else "sequence number 0")
-        top = self.top
-        if seq > top:
-            return seq
-        if seq + self.size <= top:
-            raise Drop(counters.XFRM_IN_STATE_SEQ_ERROR, "outside window")
-        if self._ring is None:
-            if (self._shift >> (top - seq)) & 1:
-                raise Drop(counters.XFRM_IN_STATE_SEQ_ERROR, "replayed")
-        elif (self._ring[(seq >> 6) & self._ring_mask] >> (seq & 63)) & 1:
-            raise Drop(counters.XFRM_IN_STATE_SEQ_ERROR, "replayed")
-        return seq
-
-    def update(self, seq: int) -> None:
-        """Record ``seq`` (the value ``check()`` returned) once its ICV verified."""
-        top = self.top
-        size = self.size
-        ring = self._ring
-        if seq > top:
-            self.top = seq
-            if ring is None:
-                # bit d of the shifted int is top - d; shifts are capped so a jump allocates nothing big
-                diff = seq - top
-                self._shift = ((self._shift << diff) | 1) & self._shift_mask if diff < size else 1
-                return
-            mask = self._ring_mask
-            word = seq >> 6
-            steps = word - (top >> 6)
-            if steps:
-                # the words sliding into the window start empty (one spare word keeps the oldest intact)
-                if steps > mask:
-                    ring[:] = [0] * (mask + 1)
-                else:
-                    for w in range(word - steps + 1, word):
-                        ring[w & mask] = 0
-                ring[word & mask] = 1 << (seq & 63)
-            else:
-                ring[word & mask] |= 1 << (seq & 63)
-        elif seq + size > top:
-            if ring is None:
-                self._shift |= 1 << (top - seq)
-            else:
-                ring[(seq >> 6) & self._ring_mask] |= 1 << (seq & 63)
-        # else: disabled window, or fell out of the window meanwhile: nothing to remember
-
-    def seen(self, seq: int) -> bool:
-        """Whether ``seq`` (full value) is recorded in the window (for tests and diagnostics)."""
-        top = self.top
-        if self.size == 0 or seq > top or seq + self.size <= top:
-            return False
-        if self._ring is None:
-            return bool((self._shift >> (top - seq)) & 1)
-        return bool((self._ring[(seq >> 6) & self._ring_mask] >> (seq & 63)) & 1)
+__all__ = ["MAX_WINDOW", "SHIFT_MAX", "ReplayWindow"]

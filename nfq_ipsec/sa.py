@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import counters
+from ._espcore import EspCore
+from ._espcore import SaCounters as _SaCountersBase
 from .errors import Drop
 from .replay import MAX_WINDOW, ReplayWindow
 
@@ -86,22 +88,15 @@ class Lifetime:
         }
 
 
-class SaCounters:
-    """Per-SA statistics (what `ip -s xfrm state` shows, plus the reasons for drops)."""
+class SaCounters(_SaCountersBase):
+    """Per-SA statistics (what `ip -s xfrm state` shows, plus the reasons for drops).
 
-    __slots__ = (
-        "bytes", "expired_drops", "format_errors", "integrity_failures", "packets", "replay_drops",
-        "seq_exhausted",
-    )
+    The fields live in C (`_espcore.SaCounters`) so that the engine's fast path counts in the same
+    place as this module; the base type also holds the outbound sequence number (``seq``) and
+    the lifetime limits the fast path must stop short of (kept in step by SecurityAssociation).
+    """
 
-    def __init__(self) -> None:
-        self.packets = 0
-        self.bytes = 0
-        self.replay_drops = 0
-        self.integrity_failures = 0
-        self.format_errors = 0
-        self.expired_drops = 0
-        self.seq_exhausted = 0
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in (
@@ -138,7 +133,6 @@ class SecurityAssociation:
     """One unidirectional SA. Keys live only inside ``transform``; nothing here prints them."""
 
     transform: Transform
-    replay: ReplayWindow
     counters: SaCounters
 
     __slots__ = (
@@ -148,12 +142,13 @@ class SecurityAssociation:
         "_encap",
         "_hard_limits",
         "_limited",
-        "_seq_out",
+        "_replay",
         "_seq_reported",
         "_soft_limits",
         "aead",
         "ah_align",
         "auth",
+        "core",
         "counters",
         "dst",
         "dst_packed",
@@ -167,7 +162,6 @@ class SecurityAssociation:
         "on_event",
         "proto",
         "proto_num",
-        "replay",
         "spi",
         "src",
         "src_packed",
@@ -339,10 +333,11 @@ class SecurityAssociation:
         self.auth = auth
         self.icv_len = self.transform.icv_len
 
-        self.replay = ReplayWindow(replay_window, esn=esn, initial=seq_start)
-        self._seq_out = seq_start
+        self._replay = ReplayWindow(replay_window, esn=esn, initial=seq_start)
         self._seq_reported = False
         self.counters = SaCounters()
+        self.counters.seq = seq_start
+        self.counters.seq_max = seq_max
         self.state = MATURE
         self.on_event = on_event
         self._clock = clock
@@ -351,6 +346,37 @@ class SecurityAssociation:
         self._limited = not lt.unlimited
         self._soft_limits = (lt.soft_packets, lt.soft_bytes, lt.soft_seconds)
         self._hard_limits = (lt.hard_packets, lt.hard_bytes, lt.hard_seconds)
+        # ESP with AES-GCM-16 or ChaCha20-Poly1305 over IPv4: the per-packet work is done in C
+        # (_espcore.c) around this SA's own AEAD object; esp.py keeps the general path.
+        self.core = self._make_core()
+        self._sync_fast()
+
+    def _make_core(self) -> EspCore | None:
+        t = self.transform
+        if self.proto != "esp" or self.family != 4 or t.cipher is None:
+            return None
+        return EspCore(t.cipher, t.nonce_salt, self.spi, self.esn, self.mode == "tunnel", self.src_packed,
+                       self.dst_packed, self.tfc_pad, self.counters, self._replay)
+
+    @property
+    def replay(self) -> ReplayWindow:
+        """The inbound anti-replay window."""
+        return self._replay
+
+    @replay.setter
+    def replay(self, window: ReplayWindow) -> None:
+        self._replay = window
+        if self.core is not None:
+            self.core = self._make_core()  # the C core holds the window it checks
+
+    def restore(self, *, seq: int, age: float, replay: ReplayWindow | None = None) -> None:
+        """Carry state over from an earlier life of this SA (a restarted worker): the last outbound
+        sequence number used, the age, and the replay window."""
+        self.counters.seq = seq
+        self._created = self._clock() - age
+        if replay is not None:
+            self.replay = replay
+        self._sync_fast()
 
     # -- representation (never keys) ---------------------------------------------------------------
 
@@ -380,7 +406,7 @@ class SecurityAssociation:
             "esn": self.esn,
             "replay_window": self.replay.size,
             "replay_top": self.replay.top,
-            "seq": self._seq_out,
+            "seq": self.counters.seq,
             "tfc_pad": self.tfc_pad,
             "lifetime": self.lifetime.as_dict(),
             "age_seconds": round(self._clock() - self._created, 3),
@@ -393,19 +419,20 @@ class SecurityAssociation:
     @property
     def seq(self) -> int:
         """The last outbound sequence number used (``seq_start`` before the first packet)."""
-        return self._seq_out
+        return self.counters.seq
 
     def next_seq(self) -> int:
         """Allocate the next outbound sequence number; never cycles (RFC 4303 §3.3.3)."""
-        seq = self._seq_out
-        if seq >= (SEQ_MAX_64 if self.esn else SEQ_MAX_32):
+        c = self.counters
+        seq = c.seq
+        if seq >= c.seq_max:
             self.counters.seq_exhausted += 1
             if not self._seq_reported:
                 self._seq_reported = True
                 self._emit("seq-exhausted", f"sequence number space exhausted after {seq}; rekey needed")
             raise Drop(counters.XFRM_OUT_STATE_SEQ_ERROR, "sequence number space exhausted")
         seq += 1
-        self._seq_out = seq
+        c.seq = seq
         return seq
 
     # -- packet processing ------------------------------------------------------------------------
@@ -489,12 +516,36 @@ class SecurityAssociation:
     def _dying(self, reason: str) -> None:
         if self.state == MATURE:
             self.state = DYING
+            self._sync_fast()
             self._emit("soft-expire", reason)
 
     def _die(self, reason: str) -> None:
         if self.state != DEAD:
             self.state = DEAD
+            self._sync_fast()
             self._emit("hard-expire", reason)
+
+    def _sync_fast(self) -> None:
+        """Tell the C fast path (counters' limit fields) how far it may go on this SA by itself.
+
+        It must leave to this module every packet that reaches a lifetime limit (that packet
+        fires the event) and every packet once the SA is dead; time limits become a deadline on
+        CLOCK_MONOTONIC, which only means something if this SA runs on time.monotonic.
+        """
+        c = self.counters
+        c.fast_ok = self.core is not None and self.state != DEAD
+        mature = self.state == MATURE
+        soft_packets, soft_bytes, soft_seconds = self._soft_limits
+        hard_packets, hard_bytes, hard_seconds = self._hard_limits
+        c.limit_packets = soft_packets if mature and soft_packets else hard_packets
+        c.limit_bytes = soft_bytes if mature and soft_bytes else hard_bytes
+        seconds = soft_seconds if mature and soft_seconds else hard_seconds
+        if not seconds:
+            c.deadline = 0.0
+        elif self._clock is time.monotonic:
+            c.deadline = self._created + seconds
+        else:
+            c.deadline = -1.0  # an injected clock (tests): the fast path cannot read it
 
     def _emit(self, kind: str, reason: str) -> None:
         if self.on_event is None:

@@ -18,6 +18,7 @@ class Sad:
         self._by_name: dict[str, SecurityAssociation] = {}
         self._by_spi_dst: dict[tuple[int, int, bytes], SecurityAssociation] = {}
         self._by_spi_dst_src: dict[tuple[int, int, bytes, bytes], SecurityAssociation] = {}
+        self.generation = 0  # bumped on every change: the engine's fast path forgets its flows
 
     def add(self, sa: SecurityAssociation) -> None:
         """Add an SA; ValueError if its name or its (proto, SPI, destination) is taken."""
@@ -33,6 +34,7 @@ class Sad:
         self._by_name[sa.name] = sa
         self._by_spi_dst[key] = sa
         self._by_spi_dst_src[(*key, sa.src_packed)] = sa
+        self.generation += 1
 
     def remove(self, name: str) -> SecurityAssociation:
         sa = self._by_name.pop(name, None)
@@ -41,6 +43,7 @@ class Sad:
         key = (sa.proto_num, sa.spi, sa.dst_packed)
         del self._by_spi_dst[key]
         del self._by_spi_dst_src[(*key, sa.src_packed)]
+        self.generation += 1
         return sa
 
     def get(self, name: str) -> SecurityAssociation | None:

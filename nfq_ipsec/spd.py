@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ._espcore import CounterPair
 from .flow import FlowKey
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -232,18 +233,11 @@ class Selector:
         }
 
 
-class PolicyCounters:
-    """Packets and bytes that matched a policy (updated by the pipeline)."""
+class PolicyCounters(CounterPair):
+    """Packets and bytes that matched a policy (updated by the pipeline, and by the engine's C
+    fast path, hence the C base: ``packets``, ``bytes`` and ``account(nbytes)``)."""
 
-    __slots__ = ("bytes", "packets")
-
-    def __init__(self) -> None:
-        self.packets = 0
-        self.bytes = 0
-
-    def account(self, nbytes: int) -> None:
-        self.packets += 1
-        self.bytes += nbytes
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, int]:
         return {"packets": self.packets, "bytes": self.bytes}

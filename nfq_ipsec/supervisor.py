@@ -145,16 +145,14 @@ def resume_sa(sa: SecurityAssociation, snap: SaSnapshot, now: float, max_rate: i
     """
     margin = int((now - snap.polled + POLL_INTERVAL) * max_rate) + 1024
     limit = (1 << 64) - 1 if sa.esn else (1 << 32) - 1
-    # sa.py has no public setter for these two (asked of its owner); nothing else is touched
-    sa._seq_out = min(max(sa.seq, snap.seq + margin), limit)
-    sa._created = sa._clock() - snap.age
     old = sa.replay
+    replay = None
     if old.size and snap.replay_top > old.top:
         top = snap.replay_top
         replay = ReplayWindow(old.size, esn=old.esn, initial=top)
         for seq in range(max(1, top - old.size + 1), top + 1):
             replay.update(seq)
-        sa.replay = replay
+    sa.restore(seq=min(max(sa.seq, snap.seq + margin), limit), age=snap.age, replay=replay)
     for name, value in snap.counters.items():
         if hasattr(sa.counters, name):
             setattr(sa.counters, name, value)
@@ -186,6 +184,9 @@ def merge_stats(replies: Mapping[int, Mapping[str, Any]], owner: Callable[[str],
         "policies": {},
         "queues": [],
         "send_errors": sum(int(r.get("send_errors", 0)) for r in replies.values()),
+        "tunnel_drops": sum(int(r.get("tunnel_drops", 0)) for r in replies.values()),
+        "fast_path": {**_sum_dicts(r.get("fast_path", {}) for r in replies.values()),
+                      "enabled": any(r.get("fast_path", {}).get("enabled") for r in replies.values())},
         "audit_suppressed": sum(int(r.get("audit_suppressed", 0)) for r in replies.values()),
         "events": [],
     }

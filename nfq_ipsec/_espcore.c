@@ -125,21 +125,92 @@ typedef struct {
     char fast_ok;                     /* the SA is usable by the fast path at all (not dead, has a core) */
 } SaCountersObject;
 
-static PyMemberDef SaCounters_members[] = {
-    {"packets", T_ULONGLONG, offsetof(SaCountersObject, packets), 0, NULL},
-    {"bytes", T_ULONGLONG, offsetof(SaCountersObject, bytes), 0, NULL},
-    {"replay_drops", T_ULONGLONG, offsetof(SaCountersObject, replay_drops), 0, NULL},
-    {"integrity_failures", T_ULONGLONG, offsetof(SaCountersObject, integrity_failures), 0, NULL},
-    {"format_errors", T_ULONGLONG, offsetof(SaCountersObject, format_errors), 0, NULL},
-    {"expired_drops", T_ULONGLONG, offsetof(SaCountersObject, expired_drops), 0, NULL},
-    {"seq_exhausted", T_ULONGLONG, offsetof(SaCountersObject, seq_exhausted), 0, NULL},
-    {"seq", T_ULONGLONG, offsetof(SaCountersObject, seq), 0, NULL},
-    {"seq_max", T_ULONGLONG, offsetof(SaCountersObject, seq_max), 0, NULL},
-    {"limit_packets", T_ULONGLONG, offsetof(SaCountersObject, limit_packets), 0, NULL},
-    {"limit_bytes", T_ULONGLONG, offsetof(SaCountersObject, limit_bytes), 0, NULL},
-    {"deadline", T_DOUBLE, offsetof(SaCountersObject, deadline), 0, NULL},
-    {"fast_ok", T_BOOL, offsetof(SaCountersObject, fast_ok), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
+/* Field accessors that convert first and store only on success (structmember's T_ULONGLONG and
+ * T_DOUBLE setters overwrite the field before reporting a bad value). closure = field offset. */
+#define FIELD(obj, closure, type) ((type *)((char *)(obj) + (size_t)(closure)))
+
+static PyObject *
+u64_get(PyObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(*FIELD(self, closure, unsigned long long));
+}
+
+static int
+u64_set(PyObject *self, PyObject *value, void *closure)
+{
+    unsigned long long v;
+
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "counters cannot be deleted");
+        return -1;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "a counter must be an int, got %.50s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    v = PyLong_AsUnsignedLongLong(value); /* OverflowError below 0 or above 2^64-1 */
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *FIELD(self, closure, unsigned long long) = v;
+    return 0;
+}
+
+static PyObject *
+double_get(PyObject *self, void *closure)
+{
+    return PyFloat_FromDouble(*FIELD(self, closure, double));
+}
+
+static int
+double_set(PyObject *self, PyObject *value, void *closure)
+{
+    double v;
+
+    if (value == NULL || !(PyFloat_Check(value) || PyLong_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "must be a number");
+        return -1;
+    }
+    v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred())
+        return -1;
+    *FIELD(self, closure, double) = v;
+    return 0;
+}
+
+static PyObject *
+bool_get(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(*FIELD(self, closure, char));
+}
+
+static int
+bool_set(PyObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyBool_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "must be True or False");
+        return -1;
+    }
+    *FIELD(self, closure, char) = (char)(value == Py_True);
+    return 0;
+}
+
+#define U64_FIELD(T, name) {#name, u64_get, u64_set, NULL, (void *)offsetof(T, name)}
+
+static PyGetSetDef SaCounters_getset[] = {
+    U64_FIELD(SaCountersObject, packets),
+    U64_FIELD(SaCountersObject, bytes),
+    U64_FIELD(SaCountersObject, replay_drops),
+    U64_FIELD(SaCountersObject, integrity_failures),
+    U64_FIELD(SaCountersObject, format_errors),
+    U64_FIELD(SaCountersObject, expired_drops),
+    U64_FIELD(SaCountersObject, seq_exhausted),
+    U64_FIELD(SaCountersObject, seq),
+    U64_FIELD(SaCountersObject, seq_max),
+    U64_FIELD(SaCountersObject, limit_packets),
+    U64_FIELD(SaCountersObject, limit_bytes),
+    {"deadline", double_get, double_set, NULL, (void *)offsetof(SaCountersObject, deadline)},
+    {"fast_ok", bool_get, bool_set, NULL, (void *)offsetof(SaCountersObject, fast_ok)},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject SaCounters_Type = {
@@ -148,7 +219,7 @@ static PyTypeObject SaCounters_Type = {
     .tp_basicsize = sizeof(SaCountersObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Per-SA counters and the outbound sequence number, in C so the fast path can update them.",
-    .tp_members = SaCounters_members,
+    .tp_getset = SaCounters_getset,
     .tp_new = PyType_GenericNew,
 };
 
@@ -174,10 +245,10 @@ typedef struct {
     unsigned long long packets, bytes;
 } CounterPairObject;
 
-static PyMemberDef CounterPair_members[] = {
-    {"packets", T_ULONGLONG, offsetof(CounterPairObject, packets), 0, NULL},
-    {"bytes", T_ULONGLONG, offsetof(CounterPairObject, bytes), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
+static PyGetSetDef CounterPair_getset[] = {
+    U64_FIELD(CounterPairObject, packets),
+    U64_FIELD(CounterPairObject, bytes),
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyObject *
@@ -202,7 +273,7 @@ static PyTypeObject CounterPair_Type = {
     .tp_basicsize = sizeof(CounterPairObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Packets and bytes (a policy's counters), in C so the fast path can update them.",
-    .tp_members = CounterPair_members,
+    .tp_getset = CounterPair_getset,
     .tp_methods = CounterPair_methods,
     .tp_new = PyType_GenericNew,
 };
@@ -705,6 +776,29 @@ EspCore_decap(EspCoreObject *self, PyObject *arg)
     return out;
 }
 
+static PyObject *
+EspCore_get_replay(EspCoreObject *self, void *closure)
+{
+    return Py_NewRef(self->replay != NULL ? (PyObject *)self->replay : Py_None);
+}
+
+/* Swapping the window (a restarted worker's SA) keeps the core, so learnt flows stay valid. */
+static int
+EspCore_set_replay(EspCoreObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyObject_TypeCheck(value, &ReplayWindow_Type)) {
+        PyErr_SetString(PyExc_TypeError, "replay must be a ReplayWindow");
+        return -1;
+    }
+    Py_XSETREF(self->replay, (ReplayWindowObject *)Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef EspCore_getset[] = {
+    {"replay", (getter)EspCore_get_replay, (setter)EspCore_set_replay, "The window decap() checks.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef EspCore_methods[] = {
     {"encap", (PyCFunction)(void (*)(void))EspCore_encap, METH_FASTCALL,
      "encap(packet, seq, ip_id) -> ESP packet, or None when the general path must handle it."},
@@ -726,6 +820,7 @@ static PyTypeObject EspCore_Type = {
     .tp_traverse = (traverseproc)EspCore_traverse,
     .tp_clear = (inquiry)EspCore_clear,
     .tp_methods = EspCore_methods,
+    .tp_getset = EspCore_getset,
 };
 
 /* ================================ FastPath ================================ */

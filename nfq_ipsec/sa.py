@@ -367,7 +367,7 @@ class SecurityAssociation:
     def replay(self, window: ReplayWindow) -> None:
         self._replay = window
         if self.core is not None:
-            self.core = self._make_core()  # the C core holds the window it checks
+            self.core.replay = window  # the C core checks this one from now on
 
     def restore(self, *, seq: int, age: float, replay: ReplayWindow | None = None) -> None:
         """Carry state over from an earlier life of this SA (a restarted worker): the last outbound

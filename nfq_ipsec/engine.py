@@ -327,7 +327,7 @@ class Engine:
             "send_errors": (self.raw.errors if self.raw else 0) + fast.get("send_errors", 0),
             "tunnel_drops": (self.tun.drops if self.tun else 0) + fast.get("tun_errors", 0),
             "fast_path": {"enabled": self.fast is not None, "packets": fast.get("packets", 0),
-                          "flows": fast.get("flows", 0)},
+                          "dropped": fast.get("dropped", 0), "flows": fast.get("flows", 0)},
             "audit_suppressed": self.audit.suppressed,
             "events": list(self.events),
         }

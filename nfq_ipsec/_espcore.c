@@ -81,6 +81,8 @@ ipv4_checksum(const uint8_t *h)
     return (uint16_t)~s;
 }
 
+static int parse_u64(PyObject *o, uint64_t *v, const char *what);
+
 static double
 monotonic_now(void)
 {
@@ -299,30 +301,31 @@ EspCore_init(EspCoreObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"aead", "salt", "spi", "esn", "tunnel", "src", "dst", "tfc_pad", "counters",
                              "replay", NULL};
-    PyObject *aead, *counters, *replay;
+    PyObject *aead, *counters, *replay, *enc = NULL, *dec = NULL, *spi_obj, *tfc_obj;
     Py_buffer salt, src, dst;
-    unsigned long spi;
+    uint64_t spi, tfc_pad;
     int esn, tunnel;
-    unsigned int tfc_pad;
     int rc = -1;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*kppy*y*IO!O!", kwlist, &aead, &salt, &spi, &esn, &tunnel,
-                                     &src, &dst, &tfc_pad, &SaCounters_Type, &counters, &ReplayWindow_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*Oppy*y*OO!O!", kwlist, &aead, &salt, &spi_obj, &esn, &tunnel,
+                                     &src, &dst, &tfc_obj, &SaCounters_Type, &counters, &ReplayWindow_Type,
                                      &replay))
         return -1;
     if (salt.len != 4 || src.len != 4 || dst.len != 4) {
         PyErr_SetString(PyExc_ValueError, "EspCore: salt, src and dst must be 4 bytes (IPv4 SA)");
         goto out;
     }
-    if (spi > 0xffffffffUL || tfc_pad > 0xffff) {
+    if (parse_u64(spi_obj, &spi, "spi") < 0 || parse_u64(tfc_obj, &tfc_pad, "tfc_pad") < 0)
+        goto out;
+    if (spi > 0xffffffffULL || tfc_pad > 0xffff) {
         PyErr_SetString(PyExc_ValueError, "EspCore: spi or tfc_pad out of range");
         goto out;
     }
-    Py_CLEAR(self->encrypt);
-    Py_CLEAR(self->decrypt);
-    self->encrypt = PyObject_GetAttrString(aead, "encrypt");
-    self->decrypt = PyObject_GetAttrString(aead, "decrypt");
-    if (self->encrypt == NULL || self->decrypt == NULL)
+    enc = PyObject_GetAttrString(aead, "encrypt");
+    if (enc == NULL)
+        goto out;
+    dec = PyObject_GetAttrString(aead, "decrypt");
+    if (dec == NULL)
         goto out;
     if (InvalidTagType == NULL) {
         PyObject *m = PyImport_ImportModule("cryptography.exceptions");
@@ -339,17 +342,32 @@ EspCore_init(EspCoreObject *self, PyObject *args, PyObject *kwds)
     self->spi = (uint32_t)spi;
     self->esn = esn;
     self->tunnel = tunnel;
-    self->tfc_pad = tfc_pad;
+    self->tfc_pad = (unsigned int)tfc_pad;
+    Py_XSETREF(self->encrypt, enc);
+    Py_XSETREF(self->decrypt, dec);
+    enc = dec = NULL;
     Py_INCREF(counters);
     Py_XSETREF(self->counters, (SaCountersObject *)counters);
     Py_INCREF(replay);
     Py_XSETREF(self->replay, (ReplayWindowObject *)replay);
     rc = 0;
 out:
+    Py_XDECREF(enc);
+    Py_XDECREF(dec);
     PyBuffer_Release(&salt);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return rc;
+}
+
+/* 1 if the core can be used; 0 with ValueError set if __init__ never succeeded (or the GC cleared it). */
+static int
+core_ready(const EspCoreObject *c)
+{
+    if (c->encrypt != NULL && c->decrypt != NULL && c->counters != NULL && c->replay != NULL)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "EspCore is not initialised");
+    return 0;
 }
 
 static int
@@ -597,6 +615,17 @@ core_open(EspCoreObject *c, const uint8_t *p, Py_ssize_t n, OpenResult *r)
     r->pt = PyObject_Vectorcall(c->decrypt, args, 3, NULL);
     Py_DECREF(nonce);
     Py_DECREF(aad);
+    if (Py_REFCNT(data) > 1) {
+        /* decrypt() kept the view of a buffer that is released after this call: release the view so
+         * that later use raises ValueError instead of reading freed memory */
+        PyObject *et, *ev, *tb, *res;
+        PyErr_Fetch(&et, &ev, &tb);
+        res = PyObject_CallMethod(data, "release", NULL);
+        if (res == NULL)
+            PyErr_Clear(); /* (it holds exports of its own: nothing more can be done here) */
+        Py_XDECREF(res);
+        PyErr_Restore(et, ev, tb);
+    }
     Py_DECREF(data);
     if (r->pt == NULL) {
         if (PyErr_ExceptionMatches(InvalidTagType)) {
@@ -669,6 +698,8 @@ core_finish(const uint8_t *p, OpenResult *r, int tunnel)
     uint8_t *w;
 
     if (tunnel) {
+        if (Py_REFCNT(r->pt) != 1) /* the AEAD kept a reference: _PyBytes_Resize needs the only one */
+            return PyBytes_FromStringAndSize(PyBytes_AS_STRING(r->pt), r->inner_len);
         out = r->pt;
         r->pt = NULL;
         if (PyBytes_GET_SIZE(out) != r->inner_len && _PyBytes_Resize(&out, r->inner_len) < 0)
@@ -716,7 +747,7 @@ EspCore_encap(EspCoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "encap(packet, seq, ip_id) takes 3 arguments");
         return NULL;
     }
-    if (parse_u64(args[1], &seq, "seq") < 0 || parse_u64(args[2], &ip_id, "ip_id") < 0)
+    if (!core_ready(self) || parse_u64(args[1], &seq, "seq") < 0 || parse_u64(args[2], &ip_id, "ip_id") < 0)
         return NULL;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -737,7 +768,7 @@ EspCore_decap(EspCoreObject *self, PyObject *arg)
     PyObject *out = NULL;
     char reason[64];
 
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+    if (!core_ready(self) || PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     core_open(self, view.buf, view.len, &r);
     switch (r.code) {
@@ -913,10 +944,17 @@ FastPath_init(FastPathObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"raw_fd", "tun_fd", "tun_ifindex", NULL};
     int raw_fd, tun_fd;
-    unsigned int tun_ifindex;
+    PyObject *ifindex_obj;
+    uint64_t tun_ifindex;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiI", kwlist, &raw_fd, &tun_fd, &tun_ifindex))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO", kwlist, &raw_fd, &tun_fd, &ifindex_obj))
         return -1;
+    if (parse_u64(ifindex_obj, &tun_ifindex, "tun_ifindex") < 0)
+        return -1;
+    if (tun_ifindex > 0xffffffffULL) {
+        PyErr_SetString(PyExc_ValueError, "tun_ifindex out of range");
+        return -1;
+    }
     if (self->table == NULL) {
         self->table = PyMem_Calloc(TABLE_SIZE, sizeof(FlowEntry));
         if (self->table == NULL) {
@@ -927,7 +965,7 @@ FastPath_init(FastPathObject *self, PyObject *args, PyObject *kwds)
     table_clear(self);
     self->raw_fd = raw_fd;
     self->tun_fd = tun_fd;
-    self->tun_ifindex = tun_ifindex;
+    self->tun_ifindex = (unsigned int)tun_ifindex;
     self->enabled = 1;
     return 0;
 }
@@ -979,20 +1017,30 @@ static PyObject *
 FastPath_learn(FastPathObject *self, PyObject *args)
 {
     int kind, proto;
-    unsigned long spi, max_len;
+    uint64_t spi, max_len;
     Py_buffer flow;
-    PyObject *core, *policies;
+    PyObject *core, *policies, *spi_obj, *max_obj;
     FlowKey k;
     FlowEntry *e;
     uint32_t i;
     Py_ssize_t npol;
 
-    if (!PyArg_ParseTuple(args, "iiky*O!O!k", &kind, &proto, &spi, &flow, &EspCore_Type, &core, &PyTuple_Type,
-                          &policies, &max_len))
+    if (!PyArg_ParseTuple(args, "iiOy*O!O!O", &kind, &proto, &spi_obj, &flow, &EspCore_Type, &core, &PyTuple_Type,
+                          &policies, &max_obj))
         return NULL;
+    if (parse_u64(spi_obj, &spi, "spi") < 0 || parse_u64(max_obj, &max_len, "max_len") < 0) {
+        PyBuffer_Release(&flow);
+        return NULL;
+    }
+    if (self->table == NULL || !core_ready((EspCoreObject *)core)) {
+        PyBuffer_Release(&flow);
+        if (self->table == NULL)
+            PyErr_SetString(PyExc_ValueError, "FastPath is not initialised");
+        return NULL;
+    }
     memset(&k, 0, sizeof(k));
     npol = PyTuple_GET_SIZE(policies);
-    if (kind < KIND_INPUT_SA || kind > KIND_INNER || proto < 0 || proto > 255 || spi > 0xffffffffUL ||
+    if (kind < KIND_INPUT_SA || kind > KIND_INNER || proto < 0 || proto > 255 || spi > 0xffffffffULL ||
         flow.len > 12 || (kind != KIND_INPUT_SA && flow.len != 12) || npol > 2) {
         PyBuffer_Release(&flow);
         PyErr_SetString(PyExc_ValueError, "FastPath.learn: bad arguments");
@@ -1078,13 +1126,15 @@ fast_protect(FastPathObject *fp, int hook, const uint8_t *p, size_t n)
     if (!sa_fast_allows(s, n) || s->seq >= s->seq_max)
         return PUNT;
     seq = s->seq + 1;
+    Py_INCREF(c); /* encrypt() may be Python code that empties the table */
+    Py_INCREF(s);
     out = core_encap(c, p, (Py_ssize_t)n, seq, next_ip_id++);
-    if (out == NULL) {
-        PyErr_Clear(); /* the Python path will meet (and count) the same problem */
-        return PUNT;
-    }
-    if (out == Py_None) {
-        Py_DECREF(out);
+    if (out == NULL || out == Py_None) {
+        if (out == NULL)
+            PyErr_Clear(); /* the Python path will meet (and count) the same problem */
+        Py_XDECREF(out);
+        Py_DECREF(s);
+        Py_DECREF(c);
         return PUNT;
     }
     s->seq = seq;
@@ -1097,6 +1147,8 @@ fast_protect(FastPathObject *fp, int hook, const uint8_t *p, size_t n)
     if (sent < 0)
         fp->send_errors++;
     Py_DECREF(out);
+    Py_DECREF(s);
+    Py_DECREF(c);
     fp->handled++;
     return NF_DROP;
 }
@@ -1125,6 +1177,8 @@ fast_unprotect(FastPathObject *fp, const uint8_t *p, size_t n, PyObject **payloa
     s = c->counters;
     if (!sa_fast_allows(s, 0))
         return PUNT;
+    Py_INCREF(c); /* decrypt() and on_drop may be Python code that empties the table */
+    Py_INCREF(s);
     core_open(c, p, (Py_ssize_t)n, &r);
     if ((r.code == OPEN_REPLAY || r.code == OPEN_ICV) && fp->on_drop != NULL && fp->on_drop != Py_None) {
         /* the commonest attacks (replays, forgeries) are dropped here, counted as esp.py and the
@@ -1189,6 +1243,8 @@ fast_unprotect(FastPathObject *fp, const uint8_t *p, size_t n, PyObject **payloa
     }
 out:
     Py_XDECREF(r.pt);
+    Py_DECREF(s);
+    Py_DECREF(c);
     return verdict;
 }
 
@@ -1219,14 +1275,26 @@ static PyObject *
 FastPath_handle(FastPathObject *self, PyObject *args)
 {
     int hook;
-    unsigned int indev = 0;
+    PyObject *indev_obj = NULL;
+    uint64_t indev = 0;
     Py_buffer view;
     PyObject *payload = NULL;
     int v;
 
-    if (!PyArg_ParseTuple(args, "iy*|I", &hook, &view, &indev))
+    if (!PyArg_ParseTuple(args, "iy*|O", &hook, &view, &indev_obj))
         return NULL;
-    v = fastpath_handle((PyObject *)self, hook, view.buf, (size_t)view.len, indev, &payload);
+    if (indev_obj != NULL && (parse_u64(indev_obj, &indev, "indev") < 0 || indev > 0xffffffffULL)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "indev out of range");
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (self->table == NULL) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "FastPath is not initialised");
+        return NULL;
+    }
+    v = fastpath_handle((PyObject *)self, hook, view.buf, (size_t)view.len, (unsigned int)indev, &payload);
     PyBuffer_Release(&view);
     if (v == PUNT)
         Py_RETURN_NONE;

@@ -17,7 +17,11 @@
  * single sendto() at its end instead (netlink_rcv_skb() processes every message of a datagram;
  * an error on one is acked and the others still run) -- faster, but a packet the callback
  * accepts then leaves after anything the callback sent itself meanwhile (e.g. through a raw
- * socket), which can reorder an SA's sequence numbers; hence off by default.
+ * socket); off by default. The engine turns it on: its protected packets all get DROP verdicts
+ * and leave through its raw socket in callback order (see nfqueue.py).
+ *
+ * fastpath: an nfq_ipsec._espcore.FastPath (through its capsule) is offered each packet first;
+ * a packet it handles (a flow the engine has decided already) never enters Python.
  *
  * Only libmnl (socket helpers) and the kernel uapi headers are needed.
  */

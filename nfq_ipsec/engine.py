@@ -148,7 +148,9 @@ class Engine:
                 nums = [self.settings.queue_num + w for w in range(max(1, int(self.settings.workers)))]
             for qn in nums:
                 try:
-                    self.queues.append(NfQueue(qn, fail_open=self.settings.fail_open))
+                    # one verdict sendto() per batch: safe, as every protected packet gets a DROP verdict and
+                    # its ESP leaves through the raw socket at once, so ESP order never depends on verdicts
+                    self.queues.append(NfQueue(qn, fail_open=self.settings.fail_open, batch_verdicts=True))
                 except OSError as e:
                     raise EngineError(f"cannot bind NFQUEUE {qn}: {e}") from None
             if self.settings.fast_path:

@@ -35,9 +35,11 @@ Each verdict is sent as soon as its callback returns, so packets the callback em
 (raw socket, TUN) and packets it accepts leave in callback order. ``batch_verdicts=True``
 sends the verdicts of one `process()` call in a single netlink datagram at its end instead:
 ~1.2-1.4x the packets/s (bench/nfqueue_bench.py), but an accepted packet may then leave after
-packets sent directly by later callbacks of the same call, which could reorder an SA's
-sequence numbers beyond a small replay window; use it only when all output goes through
-verdicts, and keep ``max_packets`` modest when latency matters.
+packets sent directly by later callbacks of the same call. The engine uses it: every packet it
+protects gets a DROP verdict and its ESP leaves from the raw socket at once, in callback order,
+so ESP order never depends on when verdicts go out; only accepted packets (bypass, transport
+mode decrypted) wait, for at most ``max_packets`` packets, and only other flows' output can
+overtake them. A program whose protected output goes through accept verdicts must not use it.
 """
 
 from __future__ import annotations

@@ -1694,3 +1694,91 @@ def test_fast_path_equals_the_pipeline_across_lifetimes(wire: Wire) -> None:
     assert fast.sad.get("gw-out").state == DEAD and fast.sad.get("t-in").state == DEAD
     assert fast.counters.snapshot() == slow.counters.snapshot()
     assert fast.counters.get(C.XFRM_OUT_STATE_EXPIRED) and fast.counters.get(C.XFRM_IN_STATE_EXPIRED)
+
+
+# -- misuse of the C types and re-entrant AEADs (found under ASan+UBSan with fuzz/fuzz_espcore.py) ----------
+
+
+def test_uninitialised_objects_raise_instead_of_crashing(wire: Wire) -> None:
+    pkt, _ = Crafter("aes-gcm-128", "tunnel").valid(1)
+    bare = _espcore.EspCore.__new__(_espcore.EspCore)
+    with pytest.raises(ValueError, match="not initialised"):
+        bare.decap(pkt)
+    with pytest.raises(ValueError, match="not initialised"):
+        bare.encap(CLEAR, 1, 1)
+    fp = FastPath.__new__(FastPath)
+    with pytest.raises(ValueError, match="not initialised"):
+        fp.learn(KIND_INPUT_SA, 50, SPI, pkt[12:20], core_of(make_sa()), (), 0)
+    with pytest.raises(ValueError, match="not initialised"):
+        fp.handle(HOOK_INPUT, pkt)
+    with pytest.raises(ValueError, match="not initialised"):
+        wire.fast().learn(KIND_INPUT_SA, 50, SPI, pkt[12:20], bare, (), 0)
+
+
+def test_a_failed_reinit_leaves_the_core_working() -> None:
+    sa = make_sa("aes-gcm-128", "tunnel")
+    core = core_of(sa)
+    with pytest.raises(AttributeError):
+        core.__init__(object(), bytes(4), SPI, False, True, bytes(4), bytes(4), 0, sa.counters,  # type: ignore[misc]
+                      sa.replay)
+    pkt, inner = Crafter("aes-gcm-128", "tunnel").valid(1)
+    assert core.decap(pkt) == inner
+
+
+@pytest.mark.parametrize("bad", [{"spi": 2**64 + 5}, {"spi": 2**32}, {"tfc_pad": 2**32 + 1}, {"spi": -1}])
+def test_out_of_range_integers_are_refused_not_wrapped(bad: dict[str, int]) -> None:
+    sa = make_sa()
+    args: dict[str, Any] = {"aead": AESGCM(bytes(16)), "salt": bytes(4), "spi": SPI, "esn": False, "tunnel": True,
+                            "src": bytes(4), "dst": bytes(4), "tfc_pad": 0, "counters": sa.counters,
+                            "replay": sa.replay, **bad}
+    with pytest.raises((OverflowError, ValueError)):
+        _espcore.EspCore(**args)
+
+
+def test_learn_and_handle_refuse_out_of_range_integers(wire: Wire) -> None:
+    fp, core = wire.fast(), core_of(make_sa())
+    for spi, max_len in ((2**32, 0), (2**64, 0), (0, 2**64), (-1, 0)):
+        with pytest.raises((OverflowError, ValueError)):
+            fp.learn(KIND_INPUT_SA, 50, spi, bytes(8), core, (), max_len)
+    with pytest.raises((OverflowError, ValueError)):
+        fp.handle(HOOK_FORWARD, CLEAR, 2**32)
+    assert fp.stats()["flows"] == 0
+
+
+class ClearingAead:
+    """An AEAD whose encrypt/decrypt empty the fast path's table mid-packet (cryptography's never
+    call back into Python, but a wrapper could): the fast path must hold its own references."""
+
+    def __init__(self, inner: Any, fp: FastPath) -> None:
+        self.inner, self.fp = inner, fp
+
+    def encrypt(self, *a: Any) -> bytes:
+        self.fp.clear()
+        return self.inner.encrypt(*a)  # type: ignore[no-any-return]
+
+    def decrypt(self, *a: Any) -> bytes:
+        self.fp.clear()
+        return self.inner.decrypt(*a)  # type: ignore[no-any-return]
+
+
+def test_an_aead_that_empties_the_table_mid_packet(wire: Wire) -> None:
+    fp = wire.fast()
+    # outbound: the table held the core's only reference; the packet still goes out, counted
+    sa = _out_sa()
+    core = _espcore.EspCore(ClearingAead(sa.transform.cipher, fp), sa.transform.nonce_salt, SPI, False, True,
+                            sa.src_packed, sa.dst_packed, 0, sa.counters, sa.replay)
+    assert fp.learn(KIND_FORWARD, 17, 0, CLEAR[12:24], core, (), len(CLEAR))
+    del core
+    assert fp.handle(HOOK_FORWARD, CLEAR) == NF_DROP
+    assert fp.stats()["flows"] == 0 and sa.counters.packets == 1
+    assert _decrypt_all(wire.sent()) == [CLEAR]
+    # inbound: the inner flow is forgotten during decrypt(): punted, nothing committed
+    rx = make_sa("aes-gcm-128", "tunnel")
+    pkt, _ = Crafter("aes-gcm-128", "tunnel").valid(1)
+    core = _espcore.EspCore(ClearingAead(rx.transform.cipher, fp), rx.transform.nonce_salt, SPI, False, True,
+                            rx.src_packed, rx.dst_packed, 0, rx.counters, rx.replay)
+    assert fp.learn(KIND_INPUT_SA, 50, SPI, pkt[12:20], core, (), 0)
+    assert fp.learn(KIND_INNER, 17, SPI, Crafter("aes-gcm-128", "tunnel").valid(1)[1][12:24], core, (), 0)
+    del core
+    assert fp.handle(HOOK_INPUT, pkt) is None
+    assert rx.replay.top == 0 and rx.counters.packets == 0 and wire.tun() == []

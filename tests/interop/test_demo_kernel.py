@@ -55,8 +55,11 @@ def test_demo_with_kernel_peer_passes_and_cleans_up() -> None:
         assert f"{label}: ok" in out, out
     # both sides' counters, side by side: packets (ours), bytes (ours), packets (kernel), bytes (kernel), ...
     for sa in ("o2k", "k2o"):
-        ours_pkts, _ours_bytes, kernel_pkts, _kernel_bytes, *rest = _row(out, sa)
-        assert int(ours_pkts) > 1000 and int(kernel_pkts) > 1000, out  # 1 MB each way crossed both SAs
+        ours_pkts, ours_bytes, kernel_pkts, kernel_bytes, *rest = _row(out, sa)
+        # 1 MB each way crossed both SAs (how many segments and ACKs carried it varies), and both
+        # sides counted the same packets
+        assert int(ours_bytes) > 1 << 20 and int(kernel_bytes) > 1 << 20, out
+        assert int(ours_pkts) == int(kernel_pkts) > 700, out
         assert rest == ["0", "/", "0", "0", "/", "0"], out  # no replay drop, no integrity failure anywhere
     assert "kernel drops/errors (/proc/net/xfrm_stat): none" in out, out
     assert re.search(r"on the wire : .* esp .*SA o2k\)\ndecrypted   : IP / ICMP", out), out

@@ -762,9 +762,16 @@ class Bench:
                 finally:
                     for h in hs:
                         h.close()
+        base = min(self.args.workers)
         for (size, workers), rs in sorted(runs.items()):
             r = best_of(rs)
             r["machine_ratio"] = cpu[workers] / cpu[min(cpu)]
+            # rounds interleave the worker counts: each round's ratio to the same round's smallest count
+            # is paired (both saw the host in about the same state); the median of those is steadier
+            # than the ratio of best rounds on a host whose speed swings (docs/performance.md)
+            ones = runs[(size, base)]
+            paired = [x["pps"] / o["pps"] for x, o in zip(rs, ones, strict=True) if o["pps"] > 0]
+            r["paired_ratio_median"] = statistics.median(paired) if paired else 0.0
             self.results["scaling"].setdefault(str(size), {})[str(workers)] = r
             print(f"  scaling {workers} workers {size:>5} B: {r['pps']:,.0f} pps, {r.get('cpu_us_per_pkt', 0):.2f} CPU "
                   f"µs/pkt (handled {r['handled']}/{r['sent']}, "
@@ -870,12 +877,14 @@ def table(results: dict[str, Any], sizes: list[int]) -> str:
     if results["scaling"]:
         lines.append("")
         lines.append(f"{'scaling (4 tunnels, encrypt)':<32}{'size':>6}{'workers':>9}{'packets/s':>12}"
-                     f"{'x 1 worker':>12}{'machine x':>11}{'cpu µs/pkt':>12}")
+                     f"{'x 1 worker':>12}{'paired x':>10}{'machine x':>11}{'cpu µs/pkt':>12}")
         for size, per in results["scaling"].items():
             for w, r in per.items():
                 lines.append(f"{'':<32}{size:>6}{w:>9}{r['pps']:>12,.0f}{r.get('ratio', 0):>12.2f}"
-                             f"{r.get('machine_ratio', 0):>11.2f}{r.get('cpu_us_per_pkt', 0):>12.2f}")
-        lines.append("(machine x: what the machine gave as many CPU-bound processes at the same time, vs one)")
+                             f"{r.get('paired_ratio_median', 0):>10.2f}{r.get('machine_ratio', 0):>11.2f}"
+                             f"{r.get('cpu_us_per_pkt', 0):>12.2f}")
+        lines.append("(x 1 worker: best rounds; paired x: median over rounds of the ratio to the same round's "
+                     "1 worker; machine x: what the machine gave as many CPU-bound processes at the same time, vs one)")
     return "\n".join(lines)
 
 

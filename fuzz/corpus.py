@@ -436,3 +436,21 @@ def check(rx: Receiver, before: dict[str, int], pkt: bytes, d: Decision, expect:
         if name not in expect:
             raise OracleError(f"dropped under {name} ({d.reason}), expected one of {sorted(expect)}")
     return name
+
+
+def apply_edit(buf: bytearray, op: int, pos: int, value: int) -> None:
+    """One byte edit of `buf` chosen by `op`: flip a bit, set a byte, cut the tail, insert, delete
+    or append bytes; `pos` in 0..len(buf) (the fuzz harnesses' shared mutation language)."""
+    kind = op % 6
+    if kind == 0 and pos < len(buf):
+        buf[pos] ^= 1 << (value & 7)
+    elif kind == 1 and pos < len(buf):
+        buf[pos] = value
+    elif kind == 2:
+        del buf[pos:]
+    elif kind == 3:
+        buf[pos:pos] = bytes((value,)) * (op >> 3 & 15 or 1)
+    elif kind == 4:
+        del buf[pos : pos + (value & 31 or 1)]
+    else:
+        buf += bytes((value,)) * (op >> 3 & 31 or 1)

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from fuzz import corpus
 from nfq_ipsec import counters as C
 from nfq_ipsec import esp
 from nfq_ipsec._espcore import KIND_FORWARD, KIND_INNER, KIND_INPUT_SA, KIND_OUTPUT, CounterPair, EspCore, FastPath
@@ -238,19 +239,7 @@ def edit(buf: bytearray, r: Reader, max_ops: int = 8) -> None:
     """Byte edits (flip, set, cut, insert, delete, append), as fuzz_inbound.py does."""
     for _ in range(r.u8() % (max_ops + 1)):
         op, pos, value = r.u8(), r.u16() % (len(buf) + 1), r.u8()
-        kind = op % 6
-        if kind == 0 and pos < len(buf):
-            buf[pos] ^= 1 << (value & 7)
-        elif kind == 1 and pos < len(buf):
-            buf[pos] = value
-        elif kind == 2:
-            del buf[pos:]
-        elif kind == 3:
-            buf[pos:pos] = bytes((value,)) * (op >> 3 & 15 or 1)
-        elif kind == 4:
-            del buf[pos : pos + (value & 31 or 1)]
-        else:
-            buf += bytes((value,)) * (op >> 3 & 31 or 1)
+        corpus.apply_edit(buf, op, pos, value)
 
 
 def fix_ip(buf: bytearray, how: int, proto: int | None = None) -> None:

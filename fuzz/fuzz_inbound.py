@@ -45,19 +45,7 @@ def _structured(data: bytes) -> tuple[bytes, bytes]:
     for i in range(0, len(ops) - 3, 4):
         op, hi, lo, value = ops[i], ops[i + 1], ops[i + 2], ops[i + 3]
         pos = ((hi << 8) | lo) % (len(buf) + 1)
-        kind = op % 6
-        if kind == 0 and pos < len(buf):
-            buf[pos] ^= 1 << (value & 7)
-        elif kind == 1 and pos < len(buf):
-            buf[pos] = value
-        elif kind == 2:
-            del buf[pos:]
-        elif kind == 3:
-            buf[pos:pos] = bytes((value,)) * (op >> 3 & 15 or 1)
-        elif kind == 4:
-            del buf[pos : pos + (value & 31 or 1)]
-        else:
-            buf += bytes((value,)) * (op >> 3 & 31 or 1)
+        corpus.apply_edit(buf, op, pos, value)
     return bytes(buf), inner
 
 

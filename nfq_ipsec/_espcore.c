@@ -83,6 +83,17 @@ ipv4_checksum(const uint8_t *h)
 
 static int parse_u64(PyObject *o, uint64_t *v, const char *what);
 
+/* dst = the 20-byte IPv4 header src with a new total length and protocol, checksum recomputed. */
+static void
+rewrite_ipv4_header(uint8_t *dst, const uint8_t *src, uint16_t total, uint8_t proto)
+{
+    memcpy(dst, src, 20);
+    wr16(dst + 2, total);
+    dst[9] = proto;
+    dst[10] = dst[11] = 0;
+    wr16(dst + 10, ipv4_checksum(dst));
+}
+
 static double
 monotonic_now(void)
 {
@@ -225,19 +236,22 @@ static PyTypeObject SaCounters_Type = {
     .tp_new = PyType_GenericNew,
 };
 
+/* Whether one more packet of `len` bytes stays short of the SA's volume limits. */
+static int
+sa_volume_allows(const SaCountersObject *s, unsigned long long len)
+{
+    if (s->limit_packets && s->packets + 1 >= s->limit_packets)
+        return 0;
+    return !(s->limit_bytes && s->bytes + len >= s->limit_bytes);
+}
+
 /* Whether the fast path may process one more packet of `len` bytes on this SA now. */
 static int
 sa_fast_allows(const SaCountersObject *s, unsigned long long len)
 {
-    if (!s->fast_ok)
+    if (!s->fast_ok || !sa_volume_allows(s, len))
         return 0;
-    if (s->limit_packets && s->packets + 1 >= s->limit_packets)
-        return 0;
-    if (s->limit_bytes && s->bytes + len >= s->limit_bytes)
-        return 0;
-    if (s->deadline != 0.0 && (s->deadline < 0.0 || monotonic_now() >= s->deadline))
-        return 0;
-    return 1;
+    return !(s->deadline != 0.0 && (s->deadline < 0.0 || monotonic_now() >= s->deadline));
 }
 
 /* ================================ CounterPair ================================ */
@@ -478,6 +492,7 @@ core_encap(EspCoreObject *c, const uint8_t *p, Py_ssize_t n, uint64_t seq, uint1
         hdr[10] = hdr[11] = 0;
         memcpy(hdr + 12, c->src, 4);
         memcpy(hdr + 16, c->dst, 4);
+        wr16(hdr + 10, ipv4_checksum(hdr));
     } else {
         if (n < 20 || p[0] != 0x45)
             Py_RETURN_NONE;
@@ -492,12 +507,8 @@ core_encap(EspCoreObject *c, const uint8_t *p, Py_ssize_t n, uint64_t seq, uint1
         if (out_len > 0xffff)
             Py_RETURN_NONE;
         nh = p[9];
-        memcpy(hdr, p, 20);
-        wr16(hdr + 2, (uint16_t)out_len);
-        hdr[9] = PROTO_ESP;
-        hdr[10] = hdr[11] = 0;
+        rewrite_ipv4_header(hdr, p, (uint16_t)out_len, PROTO_ESP);
     }
-    wr16(hdr + 10, ipv4_checksum(hdr));
 
     /* plaintext: payload | padding 1, 2, 3... | pad length | next header (RFC 4303 §2.4) */
     pt = PyBytes_FromStringAndSize(NULL, plen);
@@ -710,11 +721,7 @@ core_finish(const uint8_t *p, OpenResult *r, int tunnel)
     if (out == NULL)
         return NULL;
     w = (uint8_t *)PyBytes_AS_STRING(out);
-    memcpy(w, p, 20);
-    wr16(w + 2, (uint16_t)r->inner_len);
-    w[9] = (uint8_t)r->nh;
-    w[10] = w[11] = 0;
-    wr16(w + 10, ipv4_checksum(w));
+    rewrite_ipv4_header(w, p, (uint16_t)r->inner_len, (uint8_t)r->nh);
     memcpy(w + 20, PyBytes_AS_STRING(r->pt), (size_t)r->end);
     Py_CLEAR(r->pt);
     return out;
@@ -1220,7 +1227,8 @@ fast_unprotect(FastPathObject *fp, const uint8_t *p, size_t n, PyObject **payloa
         memcpy(k.flow + 8, inner, 4);
     }
     ie = table_find(fp, &k);
-    if (ie == NULL || ie->core != c || !sa_fast_allows(s, (unsigned long long)r.inner_len))
+    /* (the time limit was checked before decrypting; the length is only known now) */
+    if (ie == NULL || ie->core != c || !s->fast_ok || !sa_volume_allows(s, (unsigned long long)r.inner_len))
         goto out;
     replay_update(c->replay, r.seq);
     s->packets++;

@@ -204,13 +204,12 @@ def _aad(esp_header: bytes | memoryview, seq_hi: bytes) -> bytes:
 class AeadTransform(Transform):
     """AES-GCM with a 16-byte ICV, or ChaCha20-Poly1305: nonce = salt | 8-byte IV (the seq)."""
 
-    __slots__ = ("_aead", "_salt")
+    __slots__ = ()
     aead = True
+    cipher: AESGCM | ChaCha20Poly1305  # never None here (the base's slot, shared with the SA's C core)
 
     def __init__(self, name: str, cipher: AESGCM | ChaCha20Poly1305, salt: bytes, icv_len: int) -> None:
         super().__init__(name, 8, icv_len, 4)
-        self._aead = cipher
-        self._salt = salt
         self.cipher = cipher
         self.nonce_salt = salt
 
@@ -219,11 +218,11 @@ class AeadTransform(Transform):
         if iv is None:
             iv = seq.to_bytes(8, "big")  # RFC 4106 §3.1: a counter is a valid, never-repeating IV
         aad = b"".join((esp_header[:4], seq_hi, esp_header[4:])) if seq_hi else esp_header
-        return b"".join((prefix, esp_header, iv, self._aead.encrypt(self._salt + iv, plaintext, aad)))
+        return b"".join((prefix, esp_header, iv, self.cipher.encrypt(self.nonce_salt + iv, plaintext, aad)))
 
     def open(self, esp: memoryview, seq_hi: bytes) -> bytes | None:
         try:
-            return self._aead.decrypt(self._salt + esp[8:16], esp[16:], _aad(esp, seq_hi))
+            return self.cipher.decrypt(self.nonce_salt + esp[8:16], esp[16:], _aad(esp, seq_hi))
         except InvalidTag:
             return None
 

@@ -406,7 +406,8 @@ class Pipeline:
         policy.counters.account(len(pkt))
         hint = None
         if self.learn and sa.core is not None:
-            hint = self._flow_hint(HOOK_FORWARD, pkt, packet.parse(pkt), sa, (policy,), inner_mtu_for(sa, mtu, 20))
+            # the cache only holds option-less, unfragmented IPv4 flows of port protocols: no parse needed
+            hint = FlowHint(HOOK_FORWARD, pkt[9], pkt[12:24], sa, (policy,), inner_mtu_for(sa, mtu, 20))
         return Decision(NF_DROP, None, [SendPacket(sa.family, [out], sa.dst_packed)], "protected", policy.name,
                         sa.name, hint)
 
@@ -457,8 +458,7 @@ class Pipeline:
         frags = self._fragment(out, sa.family, mtu)
         hint = None
         if self.learn and hook and sa.core is not None and len(frags) == 1:
-            header = info.header_len
-            hint = self._flow_hint(hook, pkt, info, sa, (policy,), inner_mtu_for(sa, mtu, header))
+            hint = self._flow_hint(hook, pkt, info, sa, (policy,), inner_mtu_for(sa, mtu, info.header_len))
         return Decision(NF_DROP, None, [SendPacket(sa.family, frags, sa.dst_packed)], "protected", policy.name, sa.name,
                         hint)
 

@@ -104,11 +104,6 @@ def encapsulate(sa: SecurityAssociation, packet: bytes | memoryview, seq: int) -
         raise Drop(counters.XFRM_OUT_ERROR, f"cannot encapsulate: {e}") from None
 
 
-def _esn_aad(esp_header: bytes, seq: int) -> bytes:
-    """AEAD AAD with ESN (RFC 4106 §5): SPI | seq_hi | seq_lo."""
-    return b"".join((esp_header[:4], _pack_I(seq >> 32), esp_header[4:]))
-
-
 def encapsulate_with_iv(sa: SecurityAssociation, packet: bytes | memoryview, seq: int, iv: bytes) -> bytes:
     """`encapsulate` with a chosen IV: for known-answer tests only (a reused IV breaks AEADs)."""
     if len(iv) != sa.transform.iv_len:
